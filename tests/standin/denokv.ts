@@ -119,13 +119,15 @@ const ENGINE_ERRORS: Record<string, string> = {
 };
 
 function engineError(err: unknown): ApiError {
-  const message = err instanceof Error ? err.message : String(err);
-  const known = ENGINE_ERRORS[message.trim()];
+  // anyhow errors arrive with a "Stack backtrace:" appendix; keep the message.
+  const message = (err instanceof Error ? err.message : String(err)).split(/\n\s*\n/)[0].trim();
+  const known = ENGINE_ERRORS[message];
   if (known) return new ApiError(400, known);
   if (/failed to decode|DecodeError|buffer underflow|invalid wire type/i.test(message)) {
     return new ApiError(400, `Request protobuf is invalid: ${message}.`);
   }
-  if (/type mismatch|Cannot sum|Cannot min|Cannot max|out of range|KvU64/i.test(message)) {
+  // denokv maps SqliteBackendError::TypeMismatch and SumOutOfRange to 400.
+  if (/mismatch|non-U64|out of range|Failed to perform/i.test(message)) {
     return new ApiError(400, message);
   }
   if (/closed/i.test(message)) {

@@ -1,0 +1,203 @@
+/**
+ * Boots the real processes end-to-end tests talk to: the denokv stand-in
+ * (through `tests/bin/denokv`, exactly as configs call it) and the proxy
+ * (`proxy/main.ts`), each on a free loopback port, with their output captured.
+ */
+import { fileURLToPath } from "node:url";
+import { join } from "node:path";
+
+/** The repository root. */
+export const ROOT: string = fileURLToPath(new URL("../..", import.meta.url));
+/** The deno binary that runs these tests. */
+export const DENO: string = Deno.execPath();
+/** A token long enough for denokv. */
+export const TEST_TOKEN = "test-token-0123456789";
+/** PATH with the stand-ins and node_modules/.bin first, as tests run configs. */
+export const TEST_PATH = [
+  join(ROOT, "tests/bin"),
+  join(ROOT, "node_modules/.bin"),
+  Deno.env.get("PATH") ?? "",
+].join(":");
+
+/** A running child process whose combined output is kept for assertions. */
+export class Running {
+  #output: string[] = [];
+  readonly done: Promise<Deno.CommandStatus>;
+  constructor(readonly name: string, readonly child: Deno.ChildProcess, readonly port: number) {
+    const keep = async (stream: ReadableStream<Uint8Array>) => {
+      for await (const chunk of stream.pipeThrough(new TextDecoderStream())) {
+        this.#output.push(chunk);
+        if (Deno.env.get("TEST_VERBOSE")) Deno.stderr.writeSync(new TextEncoder().encode(chunk));
+      }
+    };
+    const piped = Promise.all([keep(child.stdout), keep(child.stderr)]);
+    this.done = child.status.then(async (status) => {
+      await piped.catch(() => {});
+      return status;
+    });
+  }
+  get url(): string {
+    return `http://127.0.0.1:${this.port}`;
+  }
+  get output(): string {
+    return this.#output.join("");
+  }
+  /** Sends `signal` and waits for the exit. */
+  async stop(signal: Deno.Signal = "SIGTERM"): Promise<Deno.CommandStatus> {
+    try {
+      this.child.kill(signal);
+    } catch { /* already gone */ }
+    return await this.done;
+  }
+  async [Symbol.asyncDispose](): Promise<void> {
+    await this.stop("SIGKILL");
+  }
+}
+
+/** A port that was free a moment ago. */
+export function freePort(): number {
+  const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const { port } = listener.addr as Deno.NetAddr;
+  listener.close();
+  return port;
+}
+
+/** Waits until `check` resolves true, polling every `intervalMs`, or throws after `timeoutMs`. */
+export async function waitFor(
+  what: string,
+  check: () => Promise<boolean> | boolean,
+  { timeoutMs = 15_000, intervalMs = 50 } = {},
+): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  let last: unknown;
+  while (Date.now() < deadline) {
+    try {
+      if (await check()) return;
+    } catch (err) {
+      last = err;
+    }
+    await new Promise((r) => setTimeout(r, intervalMs));
+  }
+  throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}${last ? `: ${last}` : ""}`);
+}
+
+async function answers(url: string): Promise<boolean> {
+  try {
+    const res = await fetch(url, { method: "POST", body: "{}" });
+    await res.body?.cancel();
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+/** Options for {@linkcode startStandin}. */
+export interface StandinStart {
+  sqlitePath: string;
+  token?: string;
+  port?: number;
+  env?: Record<string, string>;
+}
+
+/** Starts `denokv --sqlite-path P serve --addr 127.0.0.1:PORT` from tests/bin and waits for it. */
+export async function startStandin(opts: StandinStart): Promise<Running> {
+  const port = opts.port ?? freePort();
+  const child = new Deno.Command("denokv", {
+    args: ["--sqlite-path", opts.sqlitePath, "serve", "--addr", `127.0.0.1:${port}`],
+    env: {
+      PATH: TEST_PATH,
+      DENO_BIN: DENO,
+      DENO_KV_ACCESS_TOKEN: opts.token ?? TEST_TOKEN,
+      ...opts.env,
+    },
+    stdout: "piped",
+    stderr: "piped",
+  }).spawn();
+  const running = new Running("denokv", child, port);
+  await waitFor("the denokv stand-in to listen", async () => {
+    const status = await Promise.race([running.done, Promise.resolve(null)]);
+    if (status) throw new Error(`stand-in exited ${status.code}: ${running.output}`);
+    return await answers(running.url);
+  });
+  return running;
+}
+
+/** Options for {@linkcode startProxy}. */
+export interface ProxyStart {
+  denokvUrl: string;
+  token?: string;
+  port?: number;
+  libDir?: string;
+  dataDir?: string;
+  env?: Record<string, string>;
+}
+
+/** Starts `deno run proxy/main.ts` the way supervisord does and waits for it. */
+export async function startProxy(opts: ProxyStart): Promise<Running> {
+  const port = opts.port ?? freePort();
+  const env: Record<string, string> = {
+    PATH: TEST_PATH,
+    DENO_KV_ACCESS_TOKEN: opts.token ?? TEST_TOKEN,
+    PORT: String(port),
+    HOSTNAME_BIND: "127.0.0.1",
+    DENOKV_URL: opts.denokvUrl,
+    ...opts.env,
+  };
+  if (opts.libDir) env.LIB_DIR = opts.libDir;
+  if (opts.dataDir) env.DATA_DIR = opts.dataDir;
+  const child = new Deno.Command(DENO, {
+    args: ["run", "--allow-net", "--allow-env", "--allow-read", join(ROOT, "proxy/main.ts")],
+    cwd: ROOT,
+    env,
+    stdout: "piped",
+    stderr: "piped",
+  }).spawn();
+  const running = new Running("proxy", child, port);
+  await waitFor("the proxy to listen", async () => {
+    const status = await Promise.race([running.done, Promise.resolve(null)]);
+    if (status) throw new Error(`proxy exited ${status.code}: ${running.output}`);
+    const res = await fetch(`${running.url}/`).catch(() => null);
+    await res?.body?.cancel();
+    return res !== null;
+  });
+  return running;
+}
+
+/** A stand-in plus a proxy in front of it, in a fresh temp dir. */
+export interface Stack {
+  dir: string;
+  denokv: Running;
+  proxy: Running;
+  [Symbol.asyncDispose](): Promise<void>;
+}
+
+/** Boots a stand-in and a proxy over a fresh database. */
+export async function startStack(
+  opts: { token?: string; libDir?: string; proxyEnv?: Record<string, string> } = {},
+): Promise<Stack> {
+  const dir = await Deno.makeTempDir({ prefix: "denokv-test-" });
+  const denokv = await startStandin({ sqlitePath: join(dir, "denokv.sqlite"), token: opts.token });
+  const proxy = await startProxy({
+    denokvUrl: denokv.url,
+    token: opts.token,
+    libDir: opts.libDir,
+    dataDir: dir,
+    env: opts.proxyEnv,
+  });
+  return {
+    dir,
+    denokv,
+    proxy,
+    async [Symbol.asyncDispose]() {
+      await proxy.stop("SIGKILL");
+      await denokv.stop("SIGKILL");
+      await Deno.remove(dir, { recursive: true }).catch(() => {});
+    },
+  };
+}
+
+/** Opens a real KV Connect client on `url` with `token`. */
+export function openRemoteKv(url: string, token = TEST_TOKEN): Promise<Deno.Kv> {
+  Deno.env.set("DENO_KV_ACCESS_TOKEN", token);
+  return Deno.openKv(url);
+}
