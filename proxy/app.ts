@@ -193,10 +193,17 @@ function forwarder(
     );
     let res: Response;
     try {
+      // Small bodies with a known length are read whole: one write upstream
+      // with a content-length costs far less than a chunked stream. Bodies of
+      // unknown length stay streams.
+      const length = req.headers.get("content-length");
+      const body = length !== null && !url.pathname.endsWith("/watch")
+        ? await req.arrayBuffer()
+        : req.body;
       res = await doFetch(origin + url.pathname + url.search, {
         method: req.method,
         headers,
-        body: req.body,
+        body,
         signal: controller.signal,
         redirect: "manual",
       });
