@@ -273,7 +273,6 @@ export async function prepare(
       config.dbPath,
       config.dbPath,
     ]);
-    if (restore.output) log(restore.output);
     if (restore.code !== 0) {
       await rm(config.dbPath, { force: true });
       throw new Error(
@@ -285,6 +284,7 @@ export async function prepare(
       markerExists,
       requireReplica: config.requireReplica,
     });
+    if (restore.output) log(restore.output);
     if (!after.ok) throw new Error(after.reason);
     log(after.fresh ? "no replica yet: starting a new database" : "restored from the replica");
   }

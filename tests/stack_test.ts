@@ -1,0 +1,390 @@
+/**
+ * End-to-end tests of the container stack: the real supervisord runs the
+ * repository's supervisord.conf with temporary APP_DIR/DATA_DIR, the denokv
+ * stand-in and npm's Litestream 0.3.13 first on PATH, and fauxqs as S3.
+ */
+import assert from "node:assert/strict";
+import { join } from "node:path";
+import { existsSync } from "node:fs";
+import {
+  DENO,
+  freePort,
+  openRemoteKv,
+  ROOT,
+  Running,
+  TEST_PATH,
+  TEST_TOKEN,
+  waitFor,
+} from "./_helpers/processes.ts";
+import { type FauxS3, startFauxS3 } from "./_helpers/s3.ts";
+
+/**
+ * npm's `litestream` launcher is a node wrapper that does not forward signals;
+ * the binary it wraps sits next to it and is what the image runs.
+ */
+const LITESTREAM_DIR = join(ROOT, "node_modules/@flydotio/litestream-linux-x64");
+const STACK_PATH = `${LITESTREAM_DIR}:${TEST_PATH}`;
+const BOOT_TIMEOUT_MS = 60_000;
+
+/** One supervisord run over a data directory. */
+interface Stack {
+  supervisord: Running;
+  dataDir: string;
+  port: number;
+  denokvPort: number;
+  startedAt: number;
+  url: string;
+  env: Record<string, string>;
+}
+
+function stackEnv(
+  dataDir: string,
+  port: number,
+  denokvPort: number,
+  s3: Record<string, string>,
+): Record<string, string> {
+  return {
+    PATH: STACK_PATH,
+    HOME: Deno.env.get("HOME") ?? "/tmp",
+    DENO_BIN: DENO,
+    DENO_DIR: Deno.env.get("DENO_DIR") ?? join(Deno.env.get("HOME") ?? "/tmp", ".cache/deno"),
+    APP_DIR: ROOT,
+    DATA_DIR: dataDir,
+    PORT: String(port),
+    HOSTNAME_BIND: "127.0.0.1",
+    DENOKV_URL: `http://127.0.0.1:${denokvPort}`,
+    DENO_KV_ACCESS_TOKEN: TEST_TOKEN,
+    SUPERCRONIC_AUTOSTART: "false",
+    ACCESS_LOG: "off",
+    ...s3,
+  };
+}
+
+async function startSupervisord(
+  dataDir: string,
+  s3: Record<string, string>,
+  ports?: { port: number; denokvPort: number },
+): Promise<Stack> {
+  const port = ports?.port ?? freePort();
+  const denokvPort = ports?.denokvPort ?? freePort();
+  const env = stackEnv(dataDir, port, denokvPort, s3);
+  await Deno.mkdir(dataDir, { recursive: true });
+  const startedAt = performance.now();
+  const child = new Deno.Command("supervisord", {
+    args: ["-n", "-c", join(ROOT, "supervisord.conf")],
+    cwd: ROOT,
+    env,
+    clearEnv: true,
+    stdout: "piped",
+    stderr: "piped",
+  }).spawn();
+  const supervisord = new Running("supervisord", child, port);
+  return { supervisord, dataDir, port, denokvPort, startedAt, url: supervisord.url, env };
+}
+
+async function healthz(url: string): Promise<number> {
+  const res = await fetch(`${url}/healthz`, { signal: AbortSignal.timeout(5_000) });
+  await res.body?.cancel();
+  return res.status;
+}
+
+/** Waits for /healthz 200; returns ms since supervisord was spawned. */
+async function waitHealthy(stack: Stack): Promise<number> {
+  await waitFor("the stack to answer /healthz with 200", async () => {
+    const status = await Promise.race([stack.supervisord.done, Promise.resolve(null)]);
+    if (status) throw new Error(`supervisord exited ${status.code}: ${stack.supervisord.output}`);
+    return (await healthz(stack.url)) === 200;
+  }, { timeoutMs: BOOT_TIMEOUT_MS, intervalMs: 100 }).catch((err) => {
+    throw new Error(`${err.message}\n--- supervisord output ---\n${stack.supervisord.output}`);
+  });
+  return performance.now() - stack.startedAt;
+}
+
+/** Every process below `pid` (from /proc), children first. */
+function descendants(pid: number): number[] {
+  const children = new Map<number, number[]>();
+  for (const entry of Deno.readDirSync("/proc")) {
+    if (!/^\d+$/.test(entry.name)) continue;
+    try {
+      const stat = Deno.readTextFileSync(`/proc/${entry.name}/stat`);
+      const ppid = Number(stat.slice(stat.lastIndexOf(")") + 2).split(" ")[1]);
+      const list = children.get(ppid) ?? [];
+      list.push(Number(entry.name));
+      children.set(ppid, list);
+    } catch { /* exited meanwhile */ }
+  }
+  const out: number[] = [];
+  const walk = (p: number) => {
+    for (const c of children.get(p) ?? []) {
+      walk(c);
+      out.push(c);
+    }
+  };
+  walk(pid);
+  return out;
+}
+
+function cmdline(pid: number): string {
+  try {
+    return Deno.readTextFileSync(`/proc/${pid}/cmdline`).replaceAll("\0", " ").trim();
+  } catch {
+    return "";
+  }
+}
+
+function rssKiB(pid: number): number {
+  const status = Deno.readTextFileSync(`/proc/${pid}/status`);
+  return Number(/VmRSS:\s+(\d+)/.exec(status)?.[1] ?? 0);
+}
+
+function kill(pid: number, signal: Deno.Signal): void {
+  try {
+    Deno.kill(pid, signal);
+  } catch { /* already gone */ }
+}
+
+/** SIGKILLs supervisord and every process under it, as a machine crash would. */
+async function killAll(stack: Stack): Promise<void> {
+  const pid = stack.supervisord.child.pid;
+  const all = descendants(pid);
+  kill(pid, "SIGKILL");
+  for (const p of all) kill(p, "SIGKILL");
+  await stack.supervisord.done;
+  await waitFor(
+    "every stack process to be gone",
+    () => all.every((p) => !existsSync(`/proc/${p}`)),
+  );
+}
+
+/** Stops a stack for good, whatever state it is in. */
+async function cleanup(stack: Stack): Promise<void> {
+  await killAll(stack).catch(() => {});
+}
+
+/** The generations Litestream has created under `prefix`. */
+async function generations(s3: FauxS3, prefix: string): Promise<Set<string>> {
+  const keys = await s3.keys(`${prefix}/generations/`);
+  return new Set(keys.map((k) => k.split("/")[2]));
+}
+
+/** Restores the replica to a fresh file with the real Litestream and the repo's litestream.yml. */
+async function restoreCopy(s3: FauxS3, replicaPath: string): Promise<string> {
+  const dir = await Deno.makeTempDir({ prefix: "denokv-restore-" });
+  const out = join(dir, "restored.sqlite");
+  const res = await new Deno.Command(join(LITESTREAM_DIR, "litestream"), {
+    args: ["restore", "-config", join(ROOT, "litestream.yml"), "-o", out, "/data/denokv.sqlite"],
+    env: { ...s3.env(replicaPath), DB_PATH: "/data/denokv.sqlite" },
+    stdout: "piped",
+    stderr: "piped",
+  }).output();
+  assert.deepEqual(res.code, 0, new TextDecoder().decode(res.stderr));
+  return out;
+}
+
+Deno.test({
+  name: "stack: first boot on an empty bucket serves, and a write reaches the bucket within 2 s",
+  sanitizeOps: false,
+  sanitizeResources: false,
+  async fn() {
+    await using s3 = await startFauxS3();
+    const dir = await Deno.makeTempDir({ prefix: "denokv-stack-" });
+    const stack = await startSupervisord(join(dir, "data"), s3.env("first-boot"));
+    let kv: Deno.Kv | undefined;
+    try {
+      const bootMs = await waitHealthy(stack);
+      console.log(`figure: start to first served request, empty bucket: ${bootMs.toFixed(0)} ms`);
+      // Wait for the initial snapshot so only our write can add objects afterwards.
+      await waitFor("the first generation", async () => (await s3.keys("first-boot/")).length > 0, {
+        timeoutMs: 20_000,
+      });
+      await new Promise((r) => setTimeout(r, 1_500));
+      const before = new Set(await s3.keys("first-boot/"));
+      kv = await openRemoteKv(stack.url);
+      await kv.set(["first-boot"], "hello");
+      const wroteAt = performance.now();
+      let newKey = "";
+      await waitFor("a new object in the bucket", async () => {
+        newKey = (await s3.keys("first-boot/")).find((k) => !before.has(k)) ?? "";
+        return newKey !== "";
+      }, { timeoutMs: 10_000, intervalMs: 50 });
+      const elapsed = performance.now() - wroteAt;
+      console.log(`figure: write visible in the bucket after ${elapsed.toFixed(0)} ms (${newKey})`);
+      assert(elapsed <= 2_000, `write reached the bucket after ${elapsed.toFixed(0)} ms`);
+      assert(newKey.includes("/wal/"), `expected a WAL segment, got ${newKey}`);
+    } finally {
+      kv?.close();
+      await cleanup(stack);
+      await Deno.remove(dir, { recursive: true }).catch(() => {});
+    }
+  },
+});
+
+Deno.test({
+  name: "stack: after SIGKILL of every process and rm -rf DATA_DIR, 1,000 keys are restored",
+  sanitizeOps: false,
+  sanitizeResources: false,
+  async fn() {
+    await using s3 = await startFauxS3();
+    const dir = await Deno.makeTempDir({ prefix: "denokv-stack-" });
+    const dataDir = join(dir, "data");
+    let stack = await startSupervisord(dataDir, s3.env("disaster"));
+    let kv: Deno.Kv | undefined;
+    try {
+      await waitHealthy(stack);
+      kv = await openRemoteKv(stack.url);
+      const N = 1_000;
+      for (let start = 0; start < N; start += 100) {
+        const op = kv.atomic();
+        for (let i = start; i < start + 100; i++) {
+          op.set(["disaster", i], { i, text: `value-${i}` });
+        }
+        assert((await op.commit()).ok);
+      }
+      // Figures: resident memory of each process after 1,000 writes.
+      let total = 0;
+      for (
+        const pid of [stack.supervisord.child.pid, ...descendants(stack.supervisord.child.pid)]
+      ) {
+        const rss = rssKiB(pid);
+        total += rss;
+        console.log(`figure: RSS ${(rss / 1024).toFixed(1)} MiB  ${cmdline(pid).slice(0, 110)}`);
+      }
+      console.log(`figure: RSS total ${(total / 1024).toFixed(1)} MiB`);
+      kv.close();
+      kv = undefined;
+      await new Promise((r) => setTimeout(r, 2_000));
+      await killAll(stack);
+      await Deno.remove(dataDir, { recursive: true });
+
+      stack = await startSupervisord(dataDir, s3.env("disaster"));
+      const bootMs = await waitHealthy(stack);
+      console.log(
+        `figure: start to first served request, with restore of 1,000 keys: ${
+          bootMs.toFixed(0)
+        } ms`,
+      );
+      assert(/restored from the replica/.test(stack.supervisord.output), stack.supervisord.output);
+      kv = await openRemoteKv(stack.url);
+      const got = new Map<number, unknown>();
+      for await (const e of kv.list<{ i: number; text: string }>({ prefix: ["disaster"] })) {
+        got.set(e.key[1] as number, e.value);
+      }
+      assert.deepEqual(got.size, N);
+      for (let i = 0; i < N; i++) assert.deepEqual(got.get(i), { i, text: `value-${i}` });
+    } finally {
+      kv?.close();
+      await cleanup(stack);
+      await Deno.remove(dir, { recursive: true }).catch(() => {});
+    }
+  },
+});
+
+Deno.test({
+  name: "stack: with S3 unreachable and no database, denokv never serves and /healthz is 503",
+  sanitizeOps: false,
+  sanitizeResources: false,
+  async fn() {
+    await using s3 = await startFauxS3();
+    const dir = await Deno.makeTempDir({ prefix: "denokv-stack-" });
+    // The right bucket and credentials behind an endpoint nobody listens on.
+    const env = { ...s3.env("fail-closed"), AWS_ENDPOINT_URL_S3: `http://127.0.0.1:${freePort()}` };
+    const stack = await startSupervisord(join(dir, "data"), env);
+    try {
+      await waitFor("the proxy to answer", async () => (await healthz(stack.url)) > 0, {
+        timeoutMs: BOOT_TIMEOUT_MS,
+      });
+      // supervisord retries the start-up step (startretries), then gives up.
+      await waitFor("supervisord to give up on denokv", async () => {
+        assert.deepEqual(await healthz(stack.url), 503);
+        const conn = await Deno.connect({ hostname: "127.0.0.1", port: stack.denokvPort })
+          .catch(() => null);
+        if (conn) {
+          conn.close();
+          throw new Error("denokv is listening although the restore failed");
+        }
+        return /gave up: denokv entered FATAL state/.test(stack.supervisord.output);
+      }, { timeoutMs: 90_000, intervalMs: 250 });
+      assert.deepEqual(await healthz(stack.url), 503);
+      const out = stack.supervisord.output;
+      assert(/restore failed \(litestream exited 1\); denokv not started/.test(out), out);
+      assert(/cannot fetch generations/.test(out), out);
+      assert(!/listening on/.test(out.replace(/proxy listening on/g, "")), out);
+      assert.deepEqual((await generations(s3, "fail-closed")).size, 0);
+      assert(!existsSync(join(dir, "data", "denokv.sqlite")), "an empty database was created");
+    } finally {
+      await cleanup(stack);
+      await Deno.remove(dir, { recursive: true }).catch(() => {});
+    }
+  },
+});
+
+Deno.test({
+  name: "stack: SIGTERM to supervisord right after a write keeps the write in the replica",
+  sanitizeOps: false,
+  sanitizeResources: false,
+  async fn() {
+    await using s3 = await startFauxS3();
+    const dir = await Deno.makeTempDir({ prefix: "denokv-stack-" });
+    const stack = await startSupervisord(join(dir, "data"), s3.env("graceful"));
+    let kv: Deno.Kv | undefined;
+    let restored: string | undefined;
+    try {
+      await waitHealthy(stack);
+      kv = await openRemoteKv(stack.url);
+      const value = `last-write-${crypto.randomUUID()}`;
+      await kv.set(["graceful"], value);
+      kv.close();
+      kv = undefined;
+      const status = await stack.supervisord.stop("SIGTERM");
+      assert.deepEqual(status.code, 0, stack.supervisord.output);
+      assert.deepEqual(descendants(stack.supervisord.child.pid).length, 0);
+      restored = await restoreCopy(s3, "graceful");
+      const local = await Deno.openKv(restored);
+      try {
+        assert.deepEqual((await local.get(["graceful"])).value, value);
+      } finally {
+        local.close();
+      }
+    } finally {
+      kv?.close();
+      await cleanup(stack);
+      await Deno.remove(dir, { recursive: true }).catch(() => {});
+      if (restored) await Deno.remove(join(restored, ".."), { recursive: true }).catch(() => {});
+    }
+  },
+});
+
+Deno.test({
+  name: "stack: supervisord restarts a killed denokv; /healthz goes 503 then 200, data intact",
+  sanitizeOps: false,
+  sanitizeResources: false,
+  async fn() {
+    await using s3 = await startFauxS3();
+    const dir = await Deno.makeTempDir({ prefix: "denokv-stack-" });
+    const stack = await startSupervisord(join(dir, "data"), s3.env("restart"));
+    let kv: Deno.Kv | undefined;
+    try {
+      await waitHealthy(stack);
+      kv = await openRemoteKv(stack.url);
+      await kv.set(["restart"], "before");
+      const denokv = descendants(stack.supervisord.child.pid).filter((p) =>
+        cmdline(p).includes("--sqlite-path") && cmdline(p).includes("standin/denokv.ts")
+      );
+      assert.deepEqual(denokv.length, 1, "exactly one denokv process");
+      kill(denokv[0], "SIGKILL");
+      await waitFor("/healthz to report 503", async () => (await healthz(stack.url)) === 503, {
+        timeoutMs: 30_000,
+        intervalMs: 20,
+      });
+      await waitHealthy(stack);
+      assert(/exited: denokv/.test(stack.supervisord.output), stack.supervisord.output);
+      assert.deepEqual((await kv.get(["restart"])).value, "before");
+      await kv.set(["restart"], "after");
+      assert.deepEqual((await kv.get(["restart"])).value, "after");
+    } finally {
+      kv?.close();
+      await cleanup(stack);
+      await Deno.remove(dir, { recursive: true }).catch(() => {});
+    }
+  },
+});
