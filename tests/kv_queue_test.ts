@@ -1,0 +1,664 @@
+/**
+ * Tests for lib/kv_queue.ts. Every behaviour runs twice: on
+ * `Deno.openKv(":memory:")` and over KV Connect through the proxy and the
+ * denokv stand-in. Process tests (a script importing the library from the
+ * proxy's URL, two workers with one SIGKILLed) run over KV Connect only.
+ */
+import assert from "node:assert/strict";
+import { join } from "node:path";
+import { DEFAULT_BACKOFF_SCHEDULE, KvQueue, KvQueueRunner, withQueues } from "../lib/kv_queue.ts";
+import {
+  DENO,
+  openRemoteKv,
+  ROOT,
+  Running,
+  type Stack,
+  startStack,
+  TEST_TOKEN,
+  waitFor,
+} from "./_helpers/processes.ts";
+
+const opts = { sanitizeOps: false, sanitizeResources: false };
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+let stack: Stack | null = null;
+let prefixCounter = 0;
+
+interface Backend {
+  name: string;
+  open(): Promise<Deno.Kv>;
+}
+
+const backends: Backend[] = [
+  { name: "memory", open: () => Deno.openKv(":memory:") },
+  {
+    name: "KV Connect",
+    open: async () => {
+      stack ??= await startStack();
+      return await openRemoteKv(stack.proxy.url);
+    },
+  },
+];
+
+/** Registers `fn` once per backend; each run gets a fresh kv and its own prefix. */
+function queueTest(
+  name: string,
+  fn: (kv: Deno.Kv, prefix: Deno.KvKey) => Promise<void>,
+): void {
+  for (const backend of backends) {
+    Deno.test(`${name} (${backend.name})`, opts, async () => {
+      const kv = await backend.open();
+      try {
+        await fn(kv, ["test", ++prefixCounter, crypto.randomUUID()]);
+      } finally {
+        // withQueues tests close through the wrapper, as Deno's examples do.
+        try {
+          kv.close();
+        } catch { /* already closed */ }
+      }
+    });
+  }
+}
+
+/** Runs a runner until `until` holds, then stops it. */
+async function runUntil(
+  runner: KvQueueRunner,
+  what: string,
+  until: () => boolean,
+  timeoutMs = 20_000,
+): Promise<void> {
+  const running = runner.run();
+  try {
+    await waitFor(what, until, { timeoutMs, intervalMs: 10 });
+  } finally {
+    await runner.stop();
+    await running;
+  }
+}
+
+async function emptyQueue(queue: KvQueue): Promise<void> {
+  await waitFor("the queue to be empty", async () => {
+    const s = await queue.stats();
+    return s.ready + s.delayed + s.running === 0;
+  });
+}
+
+// --- Deno-compatible face -------------------------------------------------
+
+queueTest(
+  "withQueues(): Deno's listenQueue/enqueue example runs unchanged",
+  async (raw, prefix) => {
+    // From Deno's queue docs; only the withQueues line is added.
+    const kv = withQueues(raw, { prefix });
+    const seen: unknown[] = [];
+    interface Notification {
+      forUser: string;
+      body: string;
+    }
+    function isNotification(o: unknown): o is Notification {
+      return (o as Notification)?.forUser !== undefined &&
+        typeof (o as Notification).forUser === "string";
+    }
+    const listening = kv.listenQueue((msg: unknown) => {
+      if (isNotification(msg)) seen.push(msg);
+      else throw new Error("unknown message");
+    });
+    const message: Notification = { forUser: "alovelace", body: "You've got mail!" };
+    const result = await kv.enqueue(message, { delay: 200 });
+    assert.equal(result.ok, true);
+    assert.equal(typeof result.versionstamp, "string");
+    await waitFor("the notification", () => seen.length === 1);
+    assert.deepEqual(seen, [message]);
+    kv.close();
+    await listening;
+  },
+);
+
+queueTest(
+  "withQueues(): the nonce/balance atomic example enqueues only when checks pass",
+  async (raw, prefix) => {
+    const kv = withQueues(raw, { prefix });
+    const delivered: unknown[] = [];
+    const listening = kv.listenQueue(async (msg) => {
+      delivered.push(msg);
+      // Deno's example: the handler consumes the nonce.
+      const { nonce } = msg as { nonce: string };
+      const n = await kv.get(["nonces", nonce]);
+      if (n.value === null) return;
+      await kv.atomic().check(n).delete(["nonces", nonce]).sum(["processed_count"], 1n).commit();
+    });
+    const nonce = crypto.randomUUID();
+    await kv.atomic().check({ key: ["nonces", nonce], versionstamp: null })
+      .set(["nonces", nonce], true).commit();
+    const balance = await kv.get(["balance"]);
+    const ok = await kv.atomic()
+      .check({
+        key: ["nonces", nonce],
+        versionstamp: (await kv.get(["nonces", nonce])).versionstamp,
+      })
+      .check(balance)
+      .set(["balance"], 100)
+      .enqueue({ nonce, type: "deposit", amount: 100 })
+      .commit();
+    assert.equal(ok.ok, true);
+    // A commit whose check fails must not enqueue anything.
+    const stale = await kv.atomic()
+      .check({ key: ["balance"], versionstamp: balance.versionstamp })
+      .set(["balance"], 999)
+      .enqueue({ nonce: "never", type: "deposit", amount: 999 })
+      .commit();
+    assert.equal(stale.ok, false);
+    await waitFor(
+      "the deposit to be processed",
+      async () => (await kv.get<Deno.KvU64>(["processed_count"])).value?.value === 1n,
+    );
+    await sleep(300);
+    assert.deepEqual(delivered, [{ nonce, type: "deposit", amount: 100 }]);
+    assert.equal((await kv.get(["balance"])).value, 100);
+    assert.equal((await kv.get(["nonces", nonce])).value, null);
+    kv.close();
+    await listening;
+  },
+);
+
+queueTest(
+  "withQueues(): keysIfUndelivered and backoffSchedule follow Deno's semantics",
+  async (raw, prefix) => {
+    const kv = withQueues(raw, { prefix });
+    let calls = 0;
+    const listening = kv.listenQueue(() => {
+      calls++;
+      throw new Error("always fails");
+    });
+    await kv.enqueue("lost", {
+      keysIfUndelivered: [["undelivered", 1]],
+      backoffSchedule: [10, 10],
+    });
+    await waitFor(
+      "the undelivered key",
+      async () => (await kv.get(["undelivered", 1])).value === "lost",
+    );
+    assert.equal(calls, 3);
+    kv.close();
+    await listening;
+  },
+);
+
+// --- typed face -----------------------------------------------------------
+
+queueTest("KvQueue.enqueue() delays delivery by delayMs", async (kv, prefix) => {
+  const queue = new KvQueue(kv, { prefix });
+  const delayMs = 1_500;
+  let deliveredAt = 0;
+  queue.handle("later", () => {
+    deliveredAt = Date.now();
+  });
+  const runner = new KvQueueRunner(kv, queue);
+  const running = runner.run();
+  const t0 = Date.now();
+  await queue.enqueue("later", 1, { delayMs });
+  await sleep(delayMs - 400);
+  assert.equal(deliveredAt, 0, "delivered before the delay");
+  const s = await queue.stats();
+  assert.equal(s.delayed, 1);
+  await waitFor("delivery", () => deliveredAt > 0, { timeoutMs: 10_000 });
+  assert.ok(deliveredAt - t0 >= delayMs, `delivered after ${deliveredAt - t0} ms`);
+  // Generous: "soon after" without timing-fragility on a loaded machine.
+  assert.ok(deliveredAt - t0 < delayMs + 3_000, `delivered after ${deliveredAt - t0} ms`);
+  await runner.stop();
+  await running;
+});
+
+queueTest(
+  "KvQueueRunner retries a handler that throws twice, then the message is gone",
+  async (kv, prefix) => {
+    const queue = new KvQueue(kv, { prefix });
+    const attempts: number[] = [];
+    queue.handle("flaky", (_data, msg) => {
+      attempts.push(msg.attempt);
+      if (attempts.length <= 2) throw new Error(`fail ${attempts.length}`);
+    });
+    const errors: unknown[] = [];
+    const runner = new KvQueueRunner(kv, queue, { onError: (e) => errors.push(e) });
+    await queue.enqueue("flaky", "x", { backoffSchedule: [20, 20, 20] });
+    await runUntil(runner, "three deliveries", () => attempts.length === 3);
+    await sleep(200);
+    assert.deepEqual(attempts, [1, 2, 3]);
+    assert.equal(errors.length, 2);
+    assert.deepEqual(await queue.stats(), { ready: 0, delayed: 0, running: 0, dead: 0 });
+    assert.equal(
+      (await Array.fromAsync(kv.list({ prefix }))).filter((e) =>
+        e.key[3] !== "count" && e.key[3] !== "sig"
+      ).length,
+      0,
+    );
+  },
+);
+
+queueTest(
+  "KvQueueRunner dead-letters an always failing message and writes keysIfUndelivered",
+  async (kv, prefix) => {
+    const queue = new KvQueue(kv, { prefix });
+    let calls = 0;
+    queue.handle("doomed", () => {
+      calls++;
+      throw new TypeError("nope");
+    });
+    const runner = new KvQueueRunner(kv, queue);
+    const id = await queue.enqueue("doomed", { order: 7 }, {
+      maxAttempts: 3,
+      backoffSchedule: [10],
+      keysIfUndelivered: [["failed", "a"], ["failed", "b"]],
+    });
+    await runUntil(runner, "the dead letter", () => calls === 3);
+    await waitFor("the dead letter", async () => (await queue.stats()).dead === 1);
+    assert.deepEqual((await kv.get(["failed", "a"])).value, { order: 7 });
+    assert.deepEqual((await kv.get(["failed", "b"])).value, { order: 7 });
+    const dead = await queue.listDead();
+    assert.equal(dead.length, 1);
+    assert.equal(dead[0].id, id);
+    assert.equal(dead[0].type, "doomed");
+    assert.deepEqual(dead[0].value, { order: 7 });
+    assert.equal(dead[0].attempts, 3);
+    assert.match(dead[0].error, /TypeError: nope/);
+
+    // Re-queue: it runs again (and succeeds this time).
+    const handled: unknown[] = [];
+    queue.handle("doomed", (d) => {
+      handled.push(d);
+    });
+    const again = await queue.requeueDead(id);
+    assert.ok(again);
+    assert.equal((await queue.stats()).dead, 0);
+    await runUntil(
+      new KvQueueRunner(kv, queue),
+      "the re-queued message",
+      () => handled.length === 1,
+    );
+    assert.deepEqual(handled, [{ order: 7 }]);
+
+    // Purge.
+    queue.handle("doomed", () => {
+      throw new Error("again");
+    });
+    await queue.enqueue("doomed", 1, { maxAttempts: 1 });
+    await queue.enqueue("doomed", 2, { maxAttempts: 1 });
+    const r = new KvQueueRunner(kv, queue);
+    const running = r.run();
+    await waitFor("two dead letters", async () => (await queue.stats()).dead === 2);
+    await r.stop();
+    await running;
+    assert.equal(await queue.purgeDead(), 2);
+    assert.deepEqual(await queue.listDead(), []);
+  },
+);
+
+queueTest(
+  "KvQueueRunner renews the lease: a handler running 3x the lease is delivered once",
+  async (kv, prefix) => {
+    const queue = new KvQueue(kv, { prefix });
+    const leaseMs = 400;
+    const deliveries: string[] = [];
+    queue.handle("slow", async (_d, msg) => {
+      deliveries.push(msg.id);
+      await sleep(leaseMs * 3);
+    });
+    // Two runners (two owners) compete: the second must not steal the renewed lease.
+    const a = new KvQueueRunner(kv, queue, { leaseMs });
+    const b = new KvQueueRunner(kv, queue, { leaseMs });
+    const ra = a.run();
+    const rb = b.run();
+    const id = await queue.enqueue("slow", null);
+    await waitFor("the message to finish", async () => {
+      const s = await queue.stats();
+      return deliveries.length > 0 && s.ready + s.running + s.delayed === 0;
+    });
+    await sleep(leaseMs * 2);
+    await Promise.all([a.stop(), b.stop()]);
+    await Promise.all([ra, rb]);
+    assert.deepEqual(deliveries, [id]);
+  },
+);
+
+queueTest(
+  "KvQueueRunner.stop() lets handlers in flight finish; nothing lost or duplicated",
+  async (kv, prefix) => {
+    const queue = new KvQueue(kv, { prefix });
+    const started = new Map<number, number>();
+    const finished = new Map<number, number>();
+    queue.handle<number>("job", async (n) => {
+      started.set(n, (started.get(n) ?? 0) + 1);
+      await sleep(300);
+      finished.set(n, (finished.get(n) ?? 0) + 1);
+    });
+    const total = 30;
+    await queue.enqueueMany("job", Array.from({ length: total }, (_, i) => i));
+    const first = new KvQueueRunner(kv, queue, { concurrency: 5 });
+    const running = first.run();
+    await waitFor("five handlers in flight", () => first.inFlight === 5);
+    await first.stop();
+    await running;
+    // Everything that started has finished, and no more was taken.
+    assert.equal(first.inFlight, 0);
+    assert.deepEqual([...started.keys()].sort(), [...finished.keys()].sort());
+    assert.ok(started.size >= 5 && started.size < total, `started ${started.size}`);
+
+    const second = new KvQueueRunner(kv, queue, { concurrency: 10 });
+    await runUntil(second, "all jobs", () => finished.size === total);
+    for (let i = 0; i < total; i++) assert.equal(finished.get(i), 1, `job ${i}`);
+    await emptyQueue(queue);
+  },
+);
+
+queueTest(
+  "KvQueueRunner.stop() releases a handler that outlives stopTimeoutMs to other workers",
+  async (kv, prefix) => {
+    const queue = new KvQueue(kv, { prefix });
+    const never = Promise.withResolvers<void>();
+    const deliveries: number[] = [];
+    queue.handle("stuck", async (_d, msg) => {
+      deliveries.push(msg.attempt);
+      if (deliveries.length === 1) await never.promise;
+    });
+    const first = new KvQueueRunner(kv, queue, { stopTimeoutMs: 100 });
+    const running = first.run();
+    await queue.enqueue("stuck", 1);
+    await waitFor("the first delivery", () => deliveries.length === 1);
+    await first.stop();
+    await running;
+    // The lease was given back, not left to expire (30 s by default).
+    await runUntil(
+      new KvQueueRunner(kv, queue),
+      "redelivery",
+      () => deliveries.length === 2,
+      10_000,
+    );
+    assert.deepEqual(deliveries, [1, 1]);
+    never.resolve();
+    await emptyQueue(queue);
+  },
+);
+
+queueTest(
+  "KvQueue: idempotencyKey makes a second enqueue a no-op while pending",
+  async (kv, prefix) => {
+    const queue = new KvQueue(kv, { prefix });
+    const a = await queue.enqueue("once", 1, { idempotencyKey: "k" });
+    const b = await queue.enqueue("once", 2, { idempotencyKey: "k" });
+    assert.equal(a, b);
+    assert.equal((await queue.stats()).ready, 1);
+    const got: unknown[] = [];
+    queue.handle("once", (d) => {
+      got.push(d);
+    });
+    await runUntil(new KvQueueRunner(kv, queue), "delivery", () => got.length === 1);
+    await emptyQueue(queue);
+    assert.deepEqual(got, [1]);
+    // Once handled, the key is free again.
+    const c = await queue.enqueue("once", 3, { idempotencyKey: "k" });
+    assert.notEqual(c, a);
+  },
+);
+
+queueTest(
+  "KvQueueRunner delivers in FIFO order by due time with concurrency 1",
+  async (kv, prefix) => {
+    const queue = new KvQueue(kv, { prefix });
+    const order: number[] = [];
+    queue.handle<number>("n", (n) => {
+      order.push(n);
+    });
+    await queue.enqueueMany("n", [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]);
+    await queue.enqueue("n", -1, { delayMs: 0 });
+    await runUntil(
+      new KvQueueRunner(kv, queue, { concurrency: 1 }),
+      "all",
+      () => order.length === 13,
+    );
+    assert.deepEqual(order, [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, -1]);
+  },
+);
+
+queueTest("KvQueue.stats() counts ready, delayed, running and dead", async (kv, prefix) => {
+  const queue = new KvQueue(kv, { prefix });
+  await queue.enqueue("a", 1);
+  await queue.enqueue("a", 2, { delayMs: 60_000 });
+  assert.deepEqual(await queue.stats(), { ready: 1, delayed: 1, running: 0, dead: 0 });
+  const hold = Promise.withResolvers<void>();
+  queue.handle("a", () => hold.promise);
+  const runner = new KvQueueRunner(kv, queue);
+  const running = runner.run();
+  await waitFor("one running", async () => (await queue.stats()).running === 1);
+  assert.deepEqual(await queue.stats(), { ready: 0, delayed: 1, running: 1, dead: 0 });
+  hold.resolve();
+  await waitFor("none running", async () => (await queue.stats()).running === 0);
+  await runner.stop();
+  await running;
+  assert.deepEqual(await queue.stats(), { ready: 0, delayed: 1, running: 0, dead: 0 });
+});
+
+queueTest("KvQueue.enqueue() refuses when the backlog limit is reached", async (kv, prefix) => {
+  const queue = new KvQueue(kv, { prefix, backlogLimit: 3 });
+  await queue.enqueueMany("x", [1, 2, 3]);
+  await assert.rejects(
+    () => new KvQueue(kv, { prefix, backlogLimit: 3 }).enqueue("x", 4),
+    (e: unknown) =>
+      e instanceof RangeError && /backlog is full: 3 pending.*"backlogLimit" is 3/.test(e.message),
+  );
+});
+
+queueTest(
+  "KvQueueRunner wakes on enqueue from another client without polling",
+  async (kv, prefix) => {
+    const queue = new KvQueue(kv, { prefix });
+    const got: number[] = [];
+    queue.handle<number>("w", (n) => {
+      got.push(n);
+    });
+    const runner = new KvQueueRunner(kv, queue);
+    const running = runner.run();
+    await sleep(300); // the runner is idle now, waiting on its watch
+    const t0 = Date.now();
+    await queue.enqueue("w", 1);
+    await waitFor("delivery", () => got.length === 1);
+    const ms = Date.now() - t0;
+    await runner.stop();
+    await running;
+    assert.ok(ms < 3_000, `picked up after ${ms} ms`);
+  },
+);
+
+Deno.test("KvQueue rejects invalid options naming the option and the value", async () => {
+  const kv = await Deno.openKv(":memory:");
+  try {
+    const queue = new KvQueue(kv);
+    await assert.rejects(() => queue.enqueue("t", 1, { delayMs: 3_000_000_000 }), {
+      name: "RangeError",
+      message: '"delayMs" must be <= 2592000000: got 3000000000',
+    });
+    await assert.rejects(() => queue.enqueue("t", 1, { delayMs: -1 }), {
+      name: "RangeError",
+      message: '"delayMs" must be >= 0: got -1',
+    });
+    await assert.rejects(() => queue.enqueue("t", 1, { delayMs: 1.5 }), {
+      name: "TypeError",
+      message: '"delayMs" must be an integer: got 1.5',
+    });
+    await assert.rejects(() => queue.enqueue("t", 1, { maxAttempts: 0 }), {
+      name: "RangeError",
+      message: '"maxAttempts" must be >= 1: got 0',
+    });
+    await assert.rejects(() => queue.enqueue("t", 1, { backoffSchedule: [10, -5] }), {
+      name: "RangeError",
+      message: '"backoffSchedule[1]" must be >= 0: got -5',
+    });
+    await assert.rejects(
+      () => queue.enqueue("t", 1, { keysIfUndelivered: Array.from({ length: 11 }, (_, i) => [i]) }),
+      { name: "RangeError", message: '"keysIfUndelivered" must have <= 10 keys: got 11' },
+    );
+    await assert.rejects(() => queue.enqueue("t", 1, { idempotencyKey: "" }), {
+      name: "TypeError",
+      message: '"idempotencyKey" must be a non-empty string: got ""',
+    });
+    assert.throws(() => new KvQueueRunner(kv, queue, { concurrency: 0 }), {
+      name: "RangeError",
+      message: '"concurrency" must be >= 1: got 0',
+    });
+    assert.throws(() => new KvQueue(kv, { backlogLimit: 0 }), {
+      name: "RangeError",
+      message: '"backlogLimit" must be >= 1: got 0',
+    });
+    const compat = withQueues(kv);
+    await assert.rejects(() => compat.enqueue(1, { delay: -10 }), {
+      name: "RangeError",
+      message: '"delay" must be >= 0: got -10',
+    });
+    assert.deepEqual(DEFAULT_BACKOFF_SCHEDULE, [100, 1000, 5000, 30000, 60000]);
+  } finally {
+    kv.close();
+  }
+});
+
+// --- real processes over KV Connect ----------------------------------------
+
+async function sharedStack(): Promise<Stack> {
+  stack ??= await startStack();
+  return stack;
+}
+
+Deno.test(
+  "a real deno run imports withQueues from the proxy's /lib/kv_queue.ts URL and processes a message",
+  opts,
+  async () => {
+    const s = await sharedStack();
+    const script = join(s.dir, "use_queue.ts");
+    const prefix = ["url-import", crypto.randomUUID()];
+    await Deno.writeTextFile(
+      script,
+      `import { withQueues } from "${s.proxy.url}/lib/kv_queue.ts";
+const kv = withQueues(await Deno.openKv(${JSON.stringify(s.proxy.url)}), { prefix: ${
+        JSON.stringify(prefix)
+      } });
+const listening = kv.listenQueue(async (msg) => {
+  await kv.set(["url-import-result"], { got: msg, by: "script" });
+  kv.close();
+});
+await listening;
+`,
+    );
+    const kv = withQueues(await openRemoteKv(s.proxy.url), { prefix });
+    try {
+      await kv.enqueue({ hello: "from the test" });
+      const out = await new Deno.Command(DENO, {
+        args: [
+          "run",
+          "--no-config",
+          "--reload",
+          "--unstable-kv",
+          `--allow-import=127.0.0.1:${s.proxy.port}`,
+          `--allow-net=127.0.0.1:${s.proxy.port}`,
+          "--allow-env=DENO_KV_ACCESS_TOKEN",
+          script,
+        ],
+        env: { DENO_DIR: join(s.dir, "deno_dir"), DENO_KV_ACCESS_TOKEN: TEST_TOKEN },
+        stdout: "piped",
+        stderr: "piped",
+      }).output();
+      assert.equal(out.code, 0, new TextDecoder().decode(out.stderr));
+      assert.deepEqual((await kv.get(["url-import-result"])).value, {
+        got: { hello: "from the test" },
+        by: "script",
+      });
+    } finally {
+      kv.close();
+    }
+  },
+);
+
+function startWorker(s: Stack, prefix: Deno.KvKey, run: string): Running {
+  const child = new Deno.Command(DENO, {
+    args: ["run", "-A", join(ROOT, "tests/queue_fixtures/worker.ts")],
+    cwd: ROOT,
+    env: {
+      DENO_KV_ACCESS_TOKEN: TEST_TOKEN,
+      QUEUE_URL: s.proxy.url,
+      QUEUE_PREFIX: JSON.stringify(prefix),
+      WORKER_RUN: run,
+    },
+    stdout: "piped",
+    stderr: "piped",
+  }).spawn();
+  return new Running(run, child, 0);
+}
+
+const doneLines = (r: Running) => (r.output.match(/^done /gm) ?? []).length;
+
+Deno.test(
+  "500 messages, two workers, one SIGKILLed mid-handler 3 times: none lost, duplicates only where killed",
+  opts,
+  async () => {
+    const s = await sharedStack();
+    const prefix = ["workers", crypto.randomUUID()];
+    const kv = await openRemoteKv(s.proxy.url);
+    const total = 500;
+    const queue = new KvQueue(kv, { prefix });
+    await queue.enqueueMany("job", Array.from({ length: total }, (_, i) => i));
+    const killedRuns: string[] = [];
+    const steady = startWorker(s, prefix, "steady");
+    let victim: Running | null = null;
+    try {
+      for (let round = 0; round < 3; round++) {
+        const run = `victim-${round}`;
+        victim = startWorker(s, prefix, run);
+        const v = victim;
+        await waitFor(`${run} to handle 25 messages`, () => doneLines(v) >= 25, {
+          timeoutMs: 30_000,
+        });
+        // The worker prints "start" before each handler's work; kill while some are open.
+        await waitFor(`${run} to be mid-handler`, () => {
+          const starts = (v.output.match(/^start /gm) ?? []).length;
+          return starts > doneLines(v);
+        }, { timeoutMs: 10_000, intervalMs: 1 });
+        await v.stop("SIGKILL");
+        killedRuns.push(run);
+      }
+      victim = startWorker(s, prefix, "victim-final");
+      await waitFor("every message to be handled", async () => {
+        const s = await queue.stats();
+        return s.ready + s.delayed + s.running === 0;
+      }, { timeoutMs: 60_000, intervalMs: 200 });
+
+      const done = new Map<number, string[]>();
+      for await (const e of kv.list<string>({ prefix: [...prefix, "test-done"] })) {
+        const n = e.key[e.key.length - 2] as number;
+        done.set(n, [...(done.get(n) ?? []), e.value]);
+      }
+      const startedInKilled = new Set<number>();
+      for await (const e of kv.list<string>({ prefix: [...prefix, "test-start"] })) {
+        if (killedRuns.includes(e.value)) startedInKilled.add(e.key[e.key.length - 2] as number);
+      }
+      const missing = Array.from({ length: total }, (_, i) => i).filter((i) => !done.has(i));
+      assert.deepEqual(missing, [], "messages never handled");
+      const duplicates = [...done].filter(([, runs]) => runs.length > 1).map(([n]) => n);
+      for (const n of duplicates) {
+        assert.ok(
+          startedInKilled.has(n),
+          `message ${n} handled twice but was never in a killed worker`,
+        );
+      }
+      assert.ok(steady.output.includes("done "), "the steady worker took part");
+      assert.equal((await queue.stats()).dead, 0);
+    } finally {
+      await victim?.stop("SIGKILL");
+      await steady.stop("SIGKILL");
+      kv.close();
+    }
+  },
+);
+
+Deno.test("teardown: stop the shared stack", opts, async () => {
+  // deno-lint-ignore no-explicit-any
+  const s = stack as any;
+  stack = null;
+  await s?.[Symbol.asyncDispose]();
+});
