@@ -181,6 +181,7 @@ export async function runCopy(cfg: CopyConfig): Promise<number> {
     let total: number | undefined;
     if (Deno.stderr.isTerminal() && !cp) total = (await digest(src, cfg.prefixes)).count;
     const progress = new Progress(verb, cfg.progressMs, total);
+    const t0 = performance.now();
     for (; state.prefixIndex < cfg.prefixes.length; state.prefixIndex++, state.cursor = undefined) {
       const prefix = cfg.prefixes[state.prefixIndex];
       for await (
@@ -202,19 +203,23 @@ export async function runCopy(cfg: CopyConfig): Promise<number> {
     }
     progress.update(state.written + state.identical + state.skipped, state.bytes, true);
     progress.done();
+    const copySecs = (performance.now() - t0) / 1000;
     const would = cfg.dryRun ? "would write" : "wrote";
     console.error(
       `kv-copy: ${would} ${state.written} entries; ${state.identical} already identical; ` +
         `${state.skipped} skipped (existing key with a different value${
           cfg.overwrite ? "" : ", use --overwrite to replace"
-        })`,
+        }); copy took ${copySecs.toFixed(2)} s`,
     );
     if (cfg.dryRun || !cfg.verify) return 0;
+    const t1 = performance.now();
     const [a, b] = await Promise.all([digest(src, cfg.prefixes), digest(dst, cfg.prefixes)]);
     const ok = a.count === b.count && a.sha256 === b.sha256;
     console.error(
       `kv-copy: verify ${ok ? "ok" : "MISMATCH"}: source ${a.count} entries sha256 ${a.sha256}; ` +
-        `destination ${b.count} entries sha256 ${b.sha256}`,
+        `destination ${b.count} entries sha256 ${b.sha256}; verify took ${
+          ((performance.now() - t1) / 1000).toFixed(2)
+        } s`,
     );
     if (ok) {
       await Deno.remove(cfg.checkpoint).catch(() => {});
