@@ -184,9 +184,15 @@ export async function runCopy(cfg: CopyConfig): Promise<number> {
     const t0 = performance.now();
     for (; state.prefixIndex < cfg.prefixes.length; state.prefixIndex++, state.cursor = undefined) {
       const prefix = cfg.prefixes[state.prefixIndex];
-      for await (
-        const page of readPages(src, prefix, { cursor: state.cursor, pageSize: cfg.pageSize })
-      ) {
+      const pages = readPages(src, prefix, { cursor: state.cursor, pageSize: cfg.pageSize });
+      // Read the next page while the current one is written.
+      let next = pages.next();
+      while (true) {
+        const step = await next;
+        if (step.done) break;
+        next = pages.next();
+        next.catch(() => {}); // surfaced by the await above; not an unhandled rejection meanwhile
+        const page = step.value;
         const res = await writeEntries(dst, page.entries, {
           overwrite: cfg.overwrite,
           dryRun: cfg.dryRun,

@@ -18,7 +18,7 @@ export const MAX_COMMIT_KEY_BYTES = 80 * 1024 - 2 * 1024;
 /** Keys per getMany(). */
 export const MAX_GET_MANY = 10;
 /** Default entries per list page. */
-export const DEFAULT_PAGE_SIZE = 500;
+export const DEFAULT_PAGE_SIZE = 1000;
 
 /** A database to read from or write to, as given on the command line. */
 export interface KvLocation {
@@ -397,12 +397,15 @@ async function existing(
     const first = entries[0].key;
     const last = entries[entries.length - 1].key;
     const wanted = new Set(entries.map((e) => keyId(e.key)));
-    if (entries.length > 1) {
+    const range = async () => {
+      if (entries.length < 2) return;
       for await (const e of kv.list({ start: first, end: last }, { batchSize: 1000 })) {
         if (wanted.has(keyId(e.key))) add(e);
       }
-    }
-    add(await kv.get(last));
+    };
+    // The range end is exclusive: the last key is read on its own, at the same time.
+    const [, tail] = await Promise.all([range(), kv.get(last)]);
+    add(tail);
     return found;
   }
   const chunks: Deno.KvKey[][] = [];

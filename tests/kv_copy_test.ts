@@ -192,12 +192,15 @@ Deno.test("kv-copy copies every value type remote -> local file", opts, async ()
   }
 });
 
-/** 10,000 entries whose sizes force commits to split on bytes as well as on count. */
+/**
+ * Entries whose sizes force commits to split on bytes as well as on count: a run
+ * of 30 values of exactly 64 KiB (1.9 MiB) cannot fit one 800 KiB commit.
+ */
 function manyEntries(n: number): [Deno.KvKey, unknown][] {
   const out: [Deno.KvKey, unknown][] = [];
   for (let i = 0; i < n; i++) {
     let value: unknown;
-    if (i % 500 === 7) value = new Uint8Array(64 * 1024).fill(i % 251); // exactly 64 KiB
+    if (i % 500 === 7 || (i >= 5000 && i < 5030)) value = new Uint8Array(64 * 1024).fill(i % 251); // exactly 64 KiB
     else if (i % 3 === 0) value = { i, name: `entry ${i}`, at: new Date(i) };
     else value = `v${i}`;
     out.push([["many", i], value]);

@@ -4,7 +4,14 @@
  */
 import assert from "node:assert/strict";
 import { join } from "node:path";
-import { decodeValue, encodeValue, entryToLine, lineToEntry } from "../scripts/kv_transfer.ts";
+import {
+  decodeValue,
+  encodeValue,
+  entryToLine,
+  lineToEntry,
+  MAX_MUTATIONS,
+  writeEntries,
+} from "../scripts/kv_transfer.ts";
 import { DENO, openRemoteKv, ROOT, startStack } from "./_helpers/processes.ts";
 
 const opts = { sanitizeOps: false, sanitizeResources: false };
@@ -61,6 +68,50 @@ Deno.test("encodeValue() refuses values it cannot represent, with the reason", (
   assert.throws(() => encodeValue(cyclic), /circular values cannot be exported/);
   assert.throws(() => encodeValue(() => 1), /unsupported value type: function/);
   assert.throws(() => decodeValue({ $: "Nope" }), /unknown value tag: "Nope"/);
+});
+
+Deno.test("writeEntries() splits commits on the 1000-mutation and 800 KiB limits", async () => {
+  const kv = await Deno.openKv(":memory:");
+  try {
+    const commits: { count: number; bytes: number }[] = [];
+    const counting = new Proxy(kv, {
+      get(target, prop) {
+        if (prop !== "atomic") return Reflect.get(target, prop).bind(target);
+        return () => {
+          const op = target.atomic();
+          const stat = { count: 0, bytes: 0 };
+          return {
+            set(key: Deno.KvKey, value: unknown) {
+              stat.count++;
+              stat.bytes += value instanceof Uint8Array ? value.byteLength : 16;
+              op.set(key, value);
+              return this;
+            },
+            commit() {
+              commits.push(stat);
+              return op.commit();
+            },
+          };
+        };
+      },
+    });
+    const big = Array.from({ length: 30 }, (_, i) => ({
+      key: ["big", i],
+      value: new Uint8Array(64 * 1024).fill(i),
+    }));
+    const res = await writeEntries(counting, big, { overwrite: true });
+    assert.equal(res.written, 30);
+    assert.ok(commits.length >= 3, `${commits.length} commits for 1.9 MiB`);
+    for (const c of commits) assert.ok(c.bytes <= 800 * 1024, `commit of ${c.bytes} bytes`);
+
+    commits.length = 0;
+    const small = Array.from({ length: 2_500 }, (_, i) => ({ key: ["s", i], value: i }));
+    await writeEntries(counting, small, { overwrite: true });
+    assert.deepStrictEqual(commits.map((c) => c.count), [MAX_MUTATIONS, MAX_MUTATIONS, 500]);
+    assert.equal((await kv.get(["big", 29])).value instanceof Uint8Array, true);
+  } finally {
+    kv.close();
+  }
 });
 
 async function run(
