@@ -205,10 +205,15 @@ function manyEntries(n: number): [Deno.KvKey, unknown][] {
     else value = `v${i}`;
     out.push([["many", i], value]);
   }
-  return out;
+  // Keys near the 2 KiB limit: 200 of them exceed the 80 KiB of keys one commit may carry.
+  // (String parts sort before numbers, so these come first in key order.)
+  const long: [Deno.KvKey, unknown][] = [];
+  for (let i = 0; i < 200; i++) long.push([["many", "long", "k".repeat(1900), i], i]);
+  return [...long, ...out];
 }
 
 async function seedLocal(path: string, entries: [Deno.KvKey, unknown][]): Promise<void> {
+  // Seeds in small commits (a few big values, or 20 entries) to stay far from the limits.
   const kv = await Deno.openKv(path);
   try {
     let op = kv.atomic();
@@ -216,7 +221,7 @@ async function seedLocal(path: string, entries: [Deno.KvKey, unknown][]): Promis
     let bytes = 0;
     for (const [key, value] of entries) {
       const size = value instanceof Uint8Array ? value.byteLength : 64;
-      if (n === 500 || bytes + size > 600 * 1024) {
+      if (n === 20 || bytes + size > 600 * 1024) {
         assert.ok((await op.commit()).ok);
         op = kv.atomic();
         n = 0;
@@ -255,8 +260,8 @@ Deno.test(
         join(dir, "cp.json"),
       ]);
       assert.equal(res.code, 0, res.stderr);
-      assert.match(res.stderr, /wrote 10000 entries/);
-      assert.match(res.stderr, /verify ok: source 10000 entries/);
+      assert.match(res.stderr, /wrote 10200 entries/);
+      assert.match(res.stderr, /verify ok: source 10200 entries/);
       assert.match(res.stderr, /kv-copy: \d+ entries, [\d.]+ \w+, \d+\/s/, "progress line");
       assertSameData(await dump(dst), entries);
     } finally {
@@ -304,14 +309,14 @@ Deno.test("kv-copy killed half-way with SIGKILL resumes with --resume", opts, as
   const dst = await openRemoteKv(b.proxy.url, DST_TOKEN);
   try {
     const partial = (await dump(dst)).length;
-    assert.ok(partial >= 2000 && partial < 10_000, `partial copy has ${partial} entries`);
+    assert.ok(partial >= 2000 && partial < 10_200, `partial copy has ${partial} entries`);
     const checkpoint = JSON.parse(await Deno.readTextFile(cp));
     assert.ok(checkpoint.written >= 2000);
 
     const res = await runCopy([...args, "--resume"]);
     assert.equal(res.code, 0, res.stderr);
     assert.match(res.stderr, /resuming after \d+ entries/);
-    assert.match(res.stderr, /verify ok: source 10000 entries/);
+    assert.match(res.stderr, /verify ok: source 10200 entries/);
     assertSameData(await dump(dst), entries);
     await assert.rejects(Deno.stat(cp), Deno.errors.NotFound, "checkpoint removed when done");
   } finally {
@@ -352,6 +357,12 @@ Deno.test(
           /cannot open destination http:\/\/127\.0\.0\.1:9.*(connect|refused)/i,
         ],
         [
+          "unreachable source",
+          ["--from", "http://127.0.0.1:9", "--to", join(dir, "out.sqlite"), ...tokens],
+          {},
+          /cannot open source http:\/\/127\.0\.0\.1:9.*(connect|refused)/i,
+        ],
+        [
           "missing source file",
           ["--from", join(dir, "missing.sqlite"), "--to", b.proxy.url, ...tokens],
           {},
@@ -386,6 +397,7 @@ Deno.test(
       }
       assert.equal((await dump(dst)).length, 0, "nothing written at the destination");
       await assert.rejects(Deno.stat(join(dir, "missing.sqlite")), Deno.errors.NotFound);
+      await assert.rejects(Deno.stat(join(dir, "out.sqlite")), Deno.errors.NotFound);
     } finally {
       src.close();
       dst.close();
