@@ -541,7 +541,7 @@ export class KvQueueRunner {
   #stopping = false;
   #wakePending = false;
   #wake: (() => void) | null = null;
-  #watch: ReadableStream<Deno.KvEntryMaybe<unknown>[]> | null = null;
+  #watch: ReadableStreamDefaultReader<Deno.KvEntryMaybe<unknown>[]> | null = null;
 
   constructor(kv: Deno.Kv, queue: KvQueue, options: KvQueueRunnerOptions = {}) {
     this.kv = kv;
@@ -604,12 +604,13 @@ export class KvQueueRunner {
   }
 
   #startWatch(): void {
-    const stream = this.kv.watch([this.queue.keys.signal()]);
-    this.#watch = stream;
+    const reader = this.kv.watch([this.queue.keys.signal()]).getReader();
+    this.#watch = reader;
     (async () => {
       try {
-        for await (const _ of stream) {
-          if (this.#stopping) break;
+        while (!this.#stopping) {
+          const { done } = await reader.read();
+          if (done) break;
           this.#poke();
         }
       } catch {
@@ -656,6 +657,7 @@ export class KvQueueRunner {
   /** Claims what it can; returns the time the next not-yet-due entry is due. */
   async #claimBatch(): Promise<number> {
     const k = this.queue.keys;
+    let skipped = false;
     while (!this.#stopping && this.#inFlight.size < this.concurrency) {
       const now = Date.now();
       const free = this.concurrency - this.#inFlight.size;
@@ -663,18 +665,20 @@ export class KvQueueRunner {
       for await (
         const e of this.kv.list<string>(
           { prefix: k.scheduleRoot(), end: k.scheduleUntil(now) },
-          { limit: free + 4 },
+          { limit: free },
         )
       ) entries.push(e);
-      let claimed = 0;
-      for (const entry of entries) {
-        if (this.#stopping || this.#inFlight.size >= this.concurrency) break;
-        if (await this.#claim(entry, now)) claimed++;
-      }
-      if (claimed === 0) break;
+      // Claims run in parallel: one round trip each would cap a worker at
+      // roughly 1 / (2 × RTT) messages per second.
+      const outcomes = await Promise.all(entries.map((e) => this.#claim(e, now)));
+      if (outcomes.includes("skip")) skipped = true;
+      // A lost race moves the entry away, so listing again finds new work.
+      if (!outcomes.some((o) => o !== "skip")) break;
     }
-    // The earliest entry not claimable now tells when to look again.
     const now = Date.now();
+    // An entry due but leased by a worker whose clock runs ahead: look again soon.
+    if (skipped) return now + 100;
+    // The earliest entry not claimable now tells when to look again.
     for await (
       const e of this.kv.list({ prefix: k.scheduleRoot(), start: k.scheduleUntil(now) }, {
         limit: 1,
@@ -683,10 +687,10 @@ export class KvQueueRunner {
     return Infinity;
   }
 
-  async #claim(entry: Deno.KvEntry<string>, now: number): Promise<boolean> {
+  async #claim(entry: Deno.KvEntry<string>, now: number): Promise<"claimed" | "conflict" | "skip"> {
     const k = this.queue.keys;
     const id = entry.key[entry.key.length - 1] as string;
-    if (this.#inFlight.has(id)) return false;
+    if (this.#inFlight.has(id)) return "skip";
     const [m, v, l] = await this.kv.getMany<[MessageMeta, unknown, Lease]>([
       k.message(id),
       k.value(id),
@@ -695,9 +699,9 @@ export class KvQueueRunner {
     if (m.value === null) {
       // Orphaned index entry (its message finished): remove it.
       await this.kv.atomic().check(entry).check(m).delete(entry.key).commit();
-      return false;
+      return "conflict";
     }
-    if (l.value && l.value.owner !== null && l.value.until > now) return false;
+    if (l.value && l.value.owner !== null && l.value.until > now) return "skip";
     const lease: Lease = {
       owner: this.#owner,
       until: now + this.leaseMs,
@@ -710,7 +714,7 @@ export class KvQueueRunner {
       .set(k.schedule(lease.until, id), id)
       .set(k.lease(id), lease)
       .commit();
-    if (!res.ok) return false;
+    if (!res.ok) return "conflict";
     const claimed: Claimed = {
       id,
       meta: m.value,
@@ -720,7 +724,7 @@ export class KvQueueRunner {
     };
     const done = this.#runHandler(claimed);
     this.#inFlight.set(id, { claimed, done });
-    return true;
+    return "claimed";
   }
 
   async #runHandler(c: Claimed): Promise<void> {
