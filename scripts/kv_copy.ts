@@ -21,7 +21,19 @@ import {
 
 const USAGE = `usage: kv-copy --from <url|path> --to <url|path> [--prefix k1,k2]... [--dry-run]
                [--resume] [--overwrite] [--from-token-env NAME] [--to-token-env NAME]
-               [--checkpoint FILE] [--page-size N] [--progress-ms MS] [--no-verify]`;
+               [--checkpoint FILE] [--page-size N] [--progress-ms MS] [--no-verify]
+
+  A URL (http/https) is a KV Connect server; its token comes from the variable
+  named by --from-token-env / --to-token-env (default DENO_KV_ACCESS_TOKEN).
+  Anything else is a local SQLite file; a source file must exist.
+  --prefix: comma-separated string parts, or a JSON key with kv-export's tags
+  ('["users", {"$":"bigint","v":"5"}]'); repeatable. As with kv.list(), the
+  key equal to the prefix itself is not included.
+  Existing destination keys are kept (and counted as skipped) unless --overwrite.
+  The checkpoint (default .kv-copy-<id>.checkpoint.json in the working
+  directory) is written after every committed page and removed after a
+  successful verify; --resume continues after it.
+  Exit codes: 0 done and verified, 1 error, 2 bad options, 3 verify mismatch.`;
 
 /** Validated options of one kv-copy run. */
 export interface CopyConfig {

@@ -124,6 +124,28 @@ function decodeNumber(v: string): number {
  * Encodes a Deno KV value as JSON. Plain JSON values stay as they are; every
  * other type becomes an object tagged `$` (a plain object that itself has a
  * `$` property is wrapped as `{"$":"Object","v":{...}}`).
+ *
+ * The dump format (one line per entry, `{"key":[...],"value":...}`):
+ *
+ * | value | JSON |
+ * | --- | --- |
+ * | string, boolean, null, finite number | itself |
+ * | NaN, ±Infinity, -0 | `{"$":"number","v":"NaN"}` |
+ * | bigint | `{"$":"bigint","v":"123"}` |
+ * | undefined | `{"$":"undefined"}` |
+ * | Deno.KvU64 | `{"$":"KvU64","v":"123"}` |
+ * | Date | `{"$":"Date","v":"2024-01-01T00:00:00.000Z"}` (`null` if invalid) |
+ * | RegExp | `{"$":"RegExp","source":"a+","flags":"gi"}` |
+ * | Uint8Array and every other typed array, ArrayBuffer, DataView | `{"$":"Float64Array","v":"<base64 of the bytes>"}` |
+ * | Map | `{"$":"Map","v":[[k, v], ...]}` |
+ * | Set | `{"$":"Set","v":[...]}` |
+ * | Error | `{"$":"Error","name":"RangeError","message":"...","stack":...,"cause":...}` |
+ * | boxed primitive | `{"$":"Boxed","v":...}` |
+ * | array | an array of encoded values |
+ * | plain object | an object of encoded values |
+ *
+ * Key parts: strings, booleans and finite numbers as themselves; other numbers,
+ * bigints and Uint8Arrays tagged as above.
  */
 export function encodeValue(value: unknown): Json {
   return encodeInner(value, new Set());
