@@ -1,7 +1,9 @@
 /**
- * `npm start`: runs denokv (the real binary when one is on PATH, else the
- * test stand-in) and the proxy on localhost with embedded defaults, data under
- * `./.data`, and prints how to connect. Ctrl-C stops both.
+ * `npm start`: runs the programs of supervisord.conf (the start-up/restore step
+ * with Litestream and denokv, and the proxy) on localhost with embedded
+ * defaults: data under `./.data`, a generated token, and a local-folder
+ * Litestream replica when no bucket is configured. No supervisord needed;
+ * Ctrl-C stops everything (Litestream makes its final sync first).
  */
 import { fileURLToPath } from "node:url";
 import { join } from "node:path";
@@ -14,6 +16,8 @@ export interface DevConfig {
   denokvPort: number;
   token: string;
   tokenGenerated: boolean;
+  /** Local Litestream replica folder, or null when a bucket is configured. */
+  localReplicaDir: string | null;
 }
 
 /** Reads the environment once; generates a token (kept in `.data/token`) when none is set. */
@@ -42,7 +46,52 @@ export async function loadConfig(env: Record<string, string | undefined>): Promi
       throw new Error(`${name} must be a port number: got ${value}`);
     }
   }
-  return { root, dataDir, port, denokvPort, token, tokenGenerated };
+  const localReplicaDir = env.BUCKET_NAME
+    ? null
+    : (env.LOCAL_REPLICA_DIR ?? join(dataDir, "replica"));
+  return { root, dataDir, port, denokvPort, token, tokenGenerated, localReplicaDir };
+}
+
+/** One `[program:x]` of supervisord.conf, with `%(ENV_X)s` expanded. */
+export interface Program {
+  name: string;
+  command: string;
+  directory: string | undefined;
+  autostart: boolean;
+}
+
+/** Reads the programs of a supervisord.conf, expanding `%(ENV_X)s` from `env`. */
+export function parsePrograms(conf: string, env: Record<string, string>): Program[] {
+  const expand = (value: string) =>
+    value.replace(/%\(ENV_(\w+)\)s/g, (_, name: string) => {
+      if (!(name in env)) throw new Error(`supervisord.conf needs ${name} in the environment`);
+      return env[name];
+    });
+  const programs: Program[] = [];
+  let current: Record<string, string> | null = null;
+  const flush = (name: string | null) => {
+    if (!name || !current?.command) return;
+    programs.push({
+      name,
+      command: expand(current.command),
+      directory: current.directory ? expand(current.directory) : undefined,
+      autostart: expand(current.autostart ?? "true") === "true",
+    });
+  };
+  let name: string | null = null;
+  for (const line of conf.split("\n")) {
+    const section = /^\[(?:program:(\w+)|.*)\]/.exec(line);
+    if (section) {
+      flush(name);
+      name = section[1] ?? null;
+      current = {};
+      continue;
+    }
+    const kv = /^(\w+)\s*=\s*(.*)$/.exec(line);
+    if (kv && current) current[kv[1]] = kv[2].trim();
+  }
+  flush(name);
+  return programs;
 }
 
 async function onPath(name: string, path: string): Promise<boolean> {
@@ -55,39 +104,60 @@ async function onPath(name: string, path: string): Promise<boolean> {
   return false;
 }
 
+/** npm's Litestream launcher does not forward signals; its binary does. */
+function litestreamBinDir(root: string): string {
+  const arch = Deno.build.arch === "aarch64" ? "arm64" : "x64";
+  return join(root, `node_modules/@flydotio/litestream-${Deno.build.os}-${arch}`);
+}
+
 if (import.meta.main) {
   const config = await loadConfig(Deno.env.toObject());
   const basePath = Deno.env.get("PATH") ?? "";
   const realDenokv = await onPath("denokv", basePath);
+  const supercronic = await onPath("supercronic", basePath);
   const path = [
     ...(realDenokv ? [] : [join(config.root, "tests/bin")]),
+    litestreamBinDir(config.root),
     join(config.root, "node_modules/.bin"),
     basePath,
   ].join(":");
-  const env = {
+  const env: Record<string, string> = {
+    ...Deno.env.toObject(),
     PATH: path,
     DENO_BIN: Deno.execPath(),
     DENO_KV_ACCESS_TOKEN: config.token,
+    APP_DIR: config.root.replace(/\/$/, ""),
     DATA_DIR: config.dataDir,
     PORT: String(config.port),
     DENOKV_URL: `http://127.0.0.1:${config.denokvPort}`,
+    SUPERCRONIC_AUTOSTART: String(supercronic),
   };
-  const dbPath = join(config.dataDir, "denokv.sqlite");
-  const denokv = new Deno.Command("denokv", {
-    args: ["--sqlite-path", dbPath, "serve", "--addr", `127.0.0.1:${config.denokvPort}`],
-    env,
-  }).spawn();
-  const proxy = new Deno.Command(Deno.execPath(), {
-    args: ["run", "--allow-net", "--allow-env", "--allow-read", join(config.root, "proxy/main.ts")],
-    env,
-  }).spawn();
+  if (config.localReplicaDir) env.LOCAL_REPLICA_DIR = config.localReplicaDir;
+  const conf = await Deno.readTextFile(join(config.root, "supervisord.conf"));
+  const programs = parsePrograms(conf, env).filter((p) => p.autostart);
+  const children = programs.map((p) => ({
+    program: p,
+    child: new Deno.Command("bash", {
+      args: ["-c", `exec ${p.command}`],
+      cwd: p.directory,
+      env,
+    }).spawn(),
+  }));
   console.log(`
 denokv on Fly, local stack (${realDenokv ? "denokv from PATH" : "denokv stand-in"})
-  data:   ${dbPath}
-  url:    http://localhost:${config.port}
-  token:  ${
+  programs: ${programs.map((p) => p.name).join(", ")} (from supervisord.conf${
+    supercronic ? "" : "; supercronic not on PATH, nightly check not scheduled"
+  })
+  data:     ${join(config.dataDir, "denokv.sqlite")}
+  replica:  ${
+    config.localReplicaDir
+      ? `${config.localReplicaDir} (local folder: no BUCKET_NAME set)`
+      : `s3://${env.BUCKET_NAME}/${env.REPLICA_PATH ?? "denokv"}`
+  }
+  url:      http://localhost:${config.port}
+  token:    ${
     config.tokenGenerated
-      ? config.token + "   (generated, saved in .data/token)"
+      ? `${config.token}   (generated, saved in ${join(config.dataDir, "token")})`
       : "(from DENO_KV_ACCESS_TOKEN or .data/token)"
   }
 
@@ -96,7 +166,7 @@ Connect:
   const kv = await Deno.openKv("http://localhost:${config.port}");
 `);
   const stop = () => {
-    for (const child of [proxy, denokv]) {
+    for (const { child } of children) {
       try {
         child.kill("SIGTERM");
       } catch { /* gone */ }
@@ -104,8 +174,11 @@ Connect:
   };
   Deno.addSignalListener("SIGINT", stop);
   Deno.addSignalListener("SIGTERM", stop);
-  const first = await Promise.race([denokv.status, proxy.status]);
+  const first = await Promise.race(
+    children.map(({ program, child }) => child.status.then((s) => ({ program, s }))),
+  );
+  if (!first.s.success) console.error(`${first.program.name} exited with ${first.s.code}`);
   stop();
-  await Promise.allSettled([denokv.status, proxy.status]);
-  Deno.exit(first.success ? 0 : 1);
+  await Promise.allSettled(children.map(({ child }) => child.status));
+  Deno.exit(first.s.success ? 0 : 1);
 }

@@ -168,7 +168,8 @@ export function decideAfterRestore(
     return {
       ok: false,
       reason: `no replica found, but ${MARKER_FILE} shows this volume had a replicated ` +
-        `database: refusing to start an empty one (check BUCKET_NAME and REPLICA_PATH)`,
+        `database: refusing to start an empty one (check BUCKET_NAME and REPLICA_PATH; ` +
+        `delete ${MARKER_FILE} only to start empty on purpose)`,
     };
   }
   if (state.requireReplica) {

@@ -388,3 +388,77 @@ Deno.test({
     }
   },
 });
+
+/** Starts `npm start`'s program with `env`; resolves once /healthz is 200. */
+async function startDevStack(dataDir: string, port: number, denokvPort: number): Promise<Running> {
+  const env: Record<string, string> = {
+    PATH: Deno.env.get("PATH") ?? "",
+    HOME: Deno.env.get("HOME") ?? "/tmp",
+    DATA_DIR: dataDir,
+    PORT: String(port),
+    DENOKV_PORT: String(denokvPort),
+  };
+  if (Deno.env.get("DENO_DIR")) env.DENO_DIR = Deno.env.get("DENO_DIR")!;
+  const child = new Deno.Command(DENO, {
+    args: ["run", "-A", join(ROOT, "scripts/dev_stack.ts")],
+    cwd: ROOT,
+    env,
+    clearEnv: true,
+    stdout: "piped",
+    stderr: "piped",
+  }).spawn();
+  const dev = new Running("dev_stack", child, port);
+  let exited: Deno.CommandStatus | null = null;
+  await waitFor("npm start to serve", async () => {
+    exited = await Promise.race([dev.done, Promise.resolve(null)]);
+    return exited !== null || (await healthz(dev.url)) === 200;
+  }, { timeoutMs: BOOT_TIMEOUT_MS, intervalMs: 100 });
+  if (exited) {
+    throw new Error(`dev_stack exited ${(exited as Deno.CommandStatus).code}: ${dev.output}`);
+  }
+  return dev;
+}
+
+Deno.test({
+  name: "npm start: supervisord.conf's programs on embedded defaults, local replica, token once",
+  sanitizeOps: false,
+  sanitizeResources: false,
+  async fn() {
+    const dir = await Deno.makeTempDir({ prefix: "denokv-dev-" });
+    const dataDir = join(dir, ".data");
+    const port = freePort();
+    const denokvPort = freePort();
+    let dev: Running | undefined;
+    let kv: Deno.Kv | undefined;
+    try {
+      dev = await startDevStack(dataDir, port, denokvPort);
+      const token = (await Deno.readTextFile(join(dataDir, "token"))).trim();
+      assert.match(dev.output, new RegExp(`token: +${token} +\\(generated`));
+      assert.match(dev.output, /replicating to the local folder/);
+      assert.match(dev.output, /programs: denokv, proxy/);
+      // Litestream starts its first generation on its first sync, a second after start.
+      await waitFor("a generation in the local replica", () => {
+        const dirs = [...Deno.readDirSync(join(dataDir, "replica", "generations"))];
+        return dirs.length > 0;
+      }, { timeoutMs: 20_000 });
+      kv = await openRemoteKv(dev.url, token);
+      await kv.set(["dev"], "kept");
+      kv.close();
+      kv = undefined;
+      assert.deepEqual((await dev.stop("SIGTERM")).code, 0);
+      // Lose the database but keep the local replica: the start-up step restores it.
+      for (const suffix of ["", "-wal", "-shm"]) {
+        await Deno.remove(join(dataDir, "denokv.sqlite" + suffix)).catch(() => {});
+      }
+      dev = await startDevStack(dataDir, port, denokvPort);
+      assert.ok(!dev.output.includes(token), "the token is printed only when generated");
+      assert.match(dev.output, /restored from the replica/);
+      kv = await openRemoteKv(dev.url, token);
+      assert.equal((await kv.get(["dev"])).value, "kept");
+    } finally {
+      kv?.close();
+      await dev?.stop("SIGTERM");
+      await Deno.remove(dir, { recursive: true }).catch(() => {});
+    }
+  },
+});
