@@ -439,10 +439,12 @@ async function existing(
   return found;
 }
 
-function isTransient(err: unknown): boolean {
-  const text = oneLine(err);
-  return !/too large|too many|exceeds|invalid|limit/i.test(text);
-}
+// Deno's client checks the per-commit limits itself: "Total mutation size too
+// large", "Total key size too large", "Too many mutations". A smaller batch fixes these.
+const BATCH_TOO_BIG =
+  /^(Total mutation size too large|Total key size too large|Too many mutations)/;
+// Errors no retry can fix: a single oversized key or value, bad data, refused access.
+const PERMANENT = /too large|invalid|unsupported|unauthori[sz]ed|forbidden|\b40[13]\b/i;
 
 async function commitBatch(
   kv: Deno.Kv,
@@ -457,14 +459,16 @@ async function commitBatch(
       if (!res.ok) throw new Error("atomic commit was rejected");
       return;
     } catch (err) {
-      if (!isTransient(err) && batch.length > 1) {
+      const text = oneLine(err);
+      if (BATCH_TOO_BIG.test(text) && batch.length > 1) {
         // Our size estimate was short for this batch: split it.
         const half = Math.ceil(batch.length / 2);
         await commitBatch(kv, batch.slice(0, half), attempts);
         await commitBatch(kv, batch.slice(half), attempts);
         return;
       }
-      if (!isTransient(err) || attempt >= attempts) throw err;
+      if (PERMANENT.test(text) || attempt >= attempts) throw err;
+      // The client already retries 5xx; this covers dropped connections and the like.
       await new Promise((r) => setTimeout(r, 200 * 2 ** attempt));
     }
   }

@@ -114,6 +114,48 @@ Deno.test("writeEntries() splits commits on the 1000-mutation and 800 KiB limits
   }
 });
 
+Deno.test("writeEntries() splits a batch the server finds too big and fails at once on a too-large value", async () => {
+  const kv = await Deno.openKv(":memory:");
+  try {
+    let attempts = 0;
+    const strict = new Proxy(kv, {
+      get(target, prop) {
+        if (prop !== "atomic") return Reflect.get(target, prop).bind(target);
+        return () => {
+          const op = target.atomic();
+          let n = 0;
+          return {
+            set(key: Deno.KvKey, value: unknown) {
+              n++;
+              op.set(key, value);
+              return this;
+            },
+            commit() {
+              attempts++;
+              // A server stricter than our estimate.
+              if (n > 300) throw new TypeError("Too many mutations (max 300)");
+              return op.commit();
+            },
+          };
+        };
+      },
+    });
+    const entries = Array.from({ length: 1000 }, (_, i) => ({ key: ["e", i], value: i }));
+    const res = await writeEntries(strict, entries, { overwrite: true });
+    assert.equal(res.written, 1000);
+    let count = 0;
+    for await (const _ of kv.list({ prefix: ["e"] })) count++;
+    assert.equal(count, 1000);
+
+    attempts = 0;
+    const tooBig = [{ key: ["big"], value: new Uint8Array(64 * 1024 + 1) }];
+    await assert.rejects(writeEntries(strict, tooBig, { overwrite: true }), /Value too large/);
+    assert.equal(attempts, 1, "no retries for an error a retry cannot fix");
+  } finally {
+    kv.close();
+  }
+});
+
 async function run(
   script: string,
   args: string[],
