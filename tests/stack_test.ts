@@ -325,7 +325,7 @@ Deno.test({
   async fn() {
     await using s3 = await startFauxS3();
     const dir = await Deno.makeTempDir({ prefix: "denokv-stack-" });
-    const stack = await startSupervisord(join(dir, "data"), s3.env("graceful"));
+    let stack = await startSupervisord(join(dir, "data"), s3.env("graceful"));
     let kv: Deno.Kv | undefined;
     let restored: string | undefined;
     try {
@@ -345,6 +345,15 @@ Deno.test({
       } finally {
         local.close();
       }
+      // A normal reboot on the kept volume: no restore, same data.
+      stack = await startSupervisord(stack.dataDir, s3.env("graceful"));
+      const bootMs = await waitHealthy(stack);
+      console.log(
+        `figure: start to first served request, database on the volume: ${bootMs.toFixed(0)} ms`,
+      );
+      assert.match(stack.supervisord.output, /the database file exists: replicate/);
+      kv = await openRemoteKv(stack.url);
+      assert.deepEqual((await kv.get(["graceful"])).value, value);
     } finally {
       kv?.close();
       await cleanup(stack);
