@@ -6,6 +6,7 @@
 import { parseArgs } from "node:util";
 import { createHash } from "node:crypto";
 import {
+  countEntries,
   DEFAULT_PAGE_SIZE,
   digest,
   encodeKey,
@@ -190,8 +191,9 @@ export async function runCopy(cfg: CopyConfig): Promise<number> {
       );
     }
     const verb = cfg.dryRun ? "kv-copy (dry run)" : "kv-copy";
+    // On a terminal, one extra read pass gives the ETA a total.
     let total: number | undefined;
-    if (Deno.stderr.isTerminal() && !cp) total = (await digest(src, cfg.prefixes)).count;
+    if (Deno.stderr.isTerminal() && !cp) total = await countEntries(src, cfg.prefixes);
     const progress = new Progress(verb, cfg.progressMs, total);
     const t0 = performance.now();
     for (; state.prefixIndex < cfg.prefixes.length; state.prefixIndex++, state.cursor = undefined) {

@@ -363,6 +363,15 @@ export async function* readPages(
   }
 }
 
+/** Number of entries under `prefixes` (reads them all: Deno KV has no count). */
+export async function countEntries(kv: Deno.Kv, prefixes: Deno.KvKey[]): Promise<number> {
+  let count = 0;
+  for (const prefix of prefixes) {
+    for await (const page of readPages(kv, prefix)) count += page.entries.length;
+  }
+  return count;
+}
+
 /** Size of a key as stored, close to Deno's own accounting. */
 export function keySize(key: Deno.KvKey): number {
   let n = 0;

@@ -160,11 +160,12 @@ async function run(
   script: string,
   args: string[],
   stdin?: Uint8Array,
+  env: Record<string, string> = {},
 ): Promise<{ code: number; stdout: Uint8Array; stderr: string }> {
   const child = new Deno.Command(DENO, {
     args: ["run", "-A", "--unstable-kv", join(ROOT, "scripts", script), ...args],
     cwd: ROOT,
-    env: { DENO_KV_ACCESS_TOKEN: TOKEN },
+    env: { DENO_KV_ACCESS_TOKEN: TOKEN, ...env },
     stdin: "piped",
     stdout: "piped",
     stderr: "piped",
@@ -245,6 +246,28 @@ Deno.test(
         twice.stderr,
         new RegExp(`wrote 0; ${expected.length} already identical; 0 skipped`),
       );
+
+      // A wrong token: one line, non-zero, nothing read from stdin is written.
+      const wrong = { BAD_TOKEN: "wrong-token-0123456789" };
+      const line = new TextEncoder().encode(entryToLine(["not", "written"], 1) + "\n");
+      const badImport = await run(
+        "kv_import.ts",
+        ["--token-env", "BAD_TOKEN", b.proxy.url],
+        line,
+        wrong,
+      );
+      assert.equal(badImport.code, 1);
+      assert.match(badImport.stderr.trim(), /^kv-import: error: cannot open http[^\n]*401[^\n]*$/);
+      assert.equal((await dst.get(["not", "written"])).versionstamp, null);
+      const badExport = await run(
+        "kv_export.ts",
+        ["--token-env", "BAD_TOKEN", a.proxy.url],
+        undefined,
+        wrong,
+      );
+      assert.equal(badExport.code, 1);
+      assert.equal(badExport.stdout.byteLength, 0);
+      assert.match(badExport.stderr.trim(), /^kv-export: error: cannot open http[^\n]*401[^\n]*$/);
     } finally {
       src.close();
       dst.close();
