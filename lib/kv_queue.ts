@@ -46,6 +46,9 @@ export const DEFAULT_BACKLOG_LIMIT = 100_000;
 export const DEFAULT_LEASE_MS = 30_000;
 
 const U64_MINUS_ONE = 0xffffffffffffffffn;
+const U64_MOD = 0x10000000000000000n;
+/** One check per completion under KV Connect's 10 checks per atomic write. */
+const COMPLETIONS_PER_COMMIT = 10;
 
 /** Options of {@linkcode KvQueue}. */
 export interface KvQueueOptions {
@@ -496,6 +499,15 @@ export interface KvQueueRunnerOptions {
   dispatch?: (message: QueueMessage) => unknown | Promise<unknown>;
 }
 
+interface Candidate {
+  id: string;
+  entry: Deno.KvEntry<string>;
+  leaseEntry: Deno.KvEntryMaybe<Lease>;
+  meta: MessageMeta;
+  value: unknown;
+  lease: Lease;
+}
+
 interface Claimed {
   id: string;
   meta: MessageMeta;
@@ -670,7 +682,7 @@ export class KvQueueRunner {
       ) entries.push(e);
       // Claims run in parallel: one round trip each would cap a worker at
       // roughly 1 / (2 × RTT) messages per second.
-      const outcomes = await Promise.all(entries.map((e) => this.#claim(e, now)));
+      const outcomes = await this.#claimAll(entries, now);
       if (outcomes.includes("skip")) skipped = true;
       // A lost race moves the entry away, so listing again finds new work.
       if (!outcomes.some((o) => o !== "skip")) break;
@@ -687,7 +699,27 @@ export class KvQueueRunner {
     return Infinity;
   }
 
-  async #claim(entry: Deno.KvEntry<string>, now: number): Promise<"claimed" | "conflict" | "skip"> {
+  async #claimAll(
+    entries: Deno.KvEntry<string>[],
+    now: number,
+  ): Promise<("claimed" | "conflict" | "skip")[]> {
+    const reads = await Promise.all(entries.map((e) => this.#readCandidate(e, now)));
+    type Outcome = "claimed" | "conflict" | "skip";
+    const outcomes = reads.map((r): Outcome => typeof r === "string" ? r : "conflict");
+    const candidates = reads.flatMap((r, i) => typeof r === "string" ? [] : [{ ...r, index: i }]);
+    // One claim per commit: grouping five per commit (10 checks) saved writes
+    // but measured 2-3x slower through the proxy, and one lost race failed
+    // the whole group.
+    await Promise.all(candidates.map(async (c) => {
+      outcomes[c.index] = await this.#commitClaims([c]) ? "claimed" : "conflict";
+    }));
+    return outcomes;
+  }
+
+  async #readCandidate(
+    entry: Deno.KvEntry<string>,
+    now: number,
+  ): Promise<"conflict" | "skip" | Candidate> {
     const k = this.queue.keys;
     const id = entry.key[entry.key.length - 1] as string;
     if (this.#inFlight.has(id)) return "skip";
@@ -707,24 +739,34 @@ export class KvQueueRunner {
       until: now + this.leaseMs,
       attempts: (l.value?.attempts ?? 0) + 1,
     };
-    const res = await this.kv.atomic()
-      .check(entry)
-      .check(l)
-      .delete(entry.key)
-      .set(k.schedule(lease.until, id), id)
-      .set(k.lease(id), lease)
-      .commit();
-    if (!res.ok) return "conflict";
-    const claimed: Claimed = {
-      id,
-      meta: m.value,
-      value: v.value,
-      lease,
-      leaseStamp: res.versionstamp,
-    };
-    const done = this.#runHandler(claimed);
-    this.#inFlight.set(id, { claimed, done });
-    return "claimed";
+    return { id, entry, leaseEntry: l, meta: m.value, value: v.value, lease };
+  }
+
+  async #commitClaims(group: Candidate[]): Promise<boolean> {
+    const k = this.queue.keys;
+    const op = this.kv.atomic();
+    for (const c of group) {
+      // Both checks are needed: the lease alone could have been deleted and
+      // re-created (ABA) by a claim and completion in between.
+      op.check(c.entry).check(c.leaseEntry)
+        .delete(c.entry.key)
+        .set(k.schedule(c.lease.until, c.id), c.id)
+        .set(k.lease(c.id), c.lease);
+    }
+    const res = await op.commit();
+    if (!res.ok) return false;
+    for (const c of group) {
+      const claimed: Claimed = {
+        id: c.id,
+        meta: c.meta,
+        value: c.value,
+        lease: c.lease,
+        leaseStamp: res.versionstamp,
+      };
+      const done = this.#runHandler(claimed);
+      this.#inFlight.set(c.id, { claimed, done });
+    }
+    return true;
   }
 
   async #runHandler(c: Claimed): Promise<void> {
@@ -793,21 +835,66 @@ export class KvQueueRunner {
     }
   }
 
-  #finishOp(c: Claimed): Deno.AtomicOperation {
+  #addFinish(op: Deno.AtomicOperation, c: Claimed): Deno.AtomicOperation {
     const k = this.queue.keys;
-    const op = this.kv.atomic()
-      .check({ key: k.lease(c.id), versionstamp: c.leaseStamp })
+    op.check({ key: k.lease(c.id), versionstamp: c.leaseStamp })
       .delete(k.schedule(c.lease.until, c.id))
       .delete(k.lease(c.id))
       .delete(k.message(c.id))
-      .delete(k.value(c.id))
-      .sum(k.count(), U64_MINUS_ONE);
+      .delete(k.value(c.id));
     if (c.meta.idempotencyKey !== undefined) op.delete(k.idempotency(c.meta.idempotencyKey));
     return op;
   }
 
-  async #complete(c: Claimed): Promise<void> {
-    await this.#finishOp(c).commit();
+  #finishOp(c: Claimed): Deno.AtomicOperation {
+    return this.#addFinish(this.kv.atomic(), c).sum(this.queue.keys.count(), U64_MINUS_ONE);
+  }
+
+  #completions: { c: Claimed; done: PromiseWithResolvers<void> }[] = [];
+  #flushScheduled = false;
+
+  /** Completions that finish together share one commit (fewer writes per message). */
+  #complete(c: Claimed): Promise<void> {
+    const done = Promise.withResolvers<void>();
+    this.#completions.push({ c, done });
+    if (!this.#flushScheduled) {
+      this.#flushScheduled = true;
+      setTimeout(() => this.#flushCompletions(), 0);
+    }
+    return done.promise;
+  }
+
+  #flushCompletions(): void {
+    this.#flushScheduled = false;
+    const pending = this.#completions;
+    this.#completions = [];
+    for (let i = 0; i < pending.length; i += COMPLETIONS_PER_COMMIT) {
+      const group = pending.slice(i, i + COMPLETIONS_PER_COMMIT);
+      (async () => {
+        try {
+          if (group.length > 1) {
+            const op = this.kv.atomic();
+            for (const { c } of group) this.#addFinish(op, c);
+            op.sum(this.queue.keys.count(), U64_MOD - BigInt(group.length));
+            if ((await op.commit()).ok) {
+              for (const { done } of group) done.resolve();
+              return;
+            }
+          }
+          // A lost lease in the group: commit each alone so the others still finish.
+          await Promise.all(group.map(async ({ c, done }) => {
+            try {
+              await this.#finishOp(c).commit();
+              done.resolve();
+            } catch (err) {
+              done.reject(err);
+            }
+          }));
+        } catch (err) {
+          for (const { done } of group) done.reject(err);
+        }
+      })();
+    }
   }
 
   async #fail(c: Claimed, error: unknown): Promise<void> {

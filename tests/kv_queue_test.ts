@@ -22,6 +22,14 @@ const opts = { sanitizeOps: false, sanitizeResources: false };
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
 let stack: Stack | null = null;
+// With --filter the teardown test may not run: never leave the stack behind.
+globalThis.addEventListener("unload", () => {
+  for (const r of [stack?.proxy, stack?.denokv]) {
+    try {
+      r?.child.kill("SIGKILL");
+    } catch { /* already gone */ }
+  }
+});
 let prefixCounter = 0;
 
 interface Backend {
@@ -376,6 +384,38 @@ queueTest(
     assert.deepEqual(deliveries, [1, 1]);
     never.resolve();
     await emptyQueue(queue);
+  },
+);
+
+queueTest(
+  "KvQueueRunner: a completion whose lease was taken over does not block the others finishing with it",
+  async (kv, prefix) => {
+    const queue = new KvQueue(kv, { prefix });
+    const gate = Promise.withResolvers<void>();
+    const started: string[] = [];
+    queue.handle("g", async (_d, msg) => {
+      started.push(msg.id);
+      await gate.promise;
+    });
+    const ids = await queue.enqueueMany("g", [1, 2, 3]);
+    const runner = new KvQueueRunner(kv, queue, { concurrency: 3 });
+    const running = runner.run();
+    await waitFor("three handlers", () => started.length === 3);
+    // Another worker takes over the second message's lease (as after a long GC pause).
+    await kv.set(queue.keys.lease(ids[1]), {
+      owner: "someone else",
+      until: Date.now() + 60_000,
+      attempts: 1,
+    });
+    gate.resolve();
+    await waitFor("two messages gone", async () => {
+      const left = await kv.getMany(ids.map((id) => queue.keys.message(id)));
+      return left.filter((e) => e.value !== null).length === 1;
+    });
+    assert.notEqual((await kv.get(queue.keys.message(ids[1]))).value, null);
+    assert.equal((await queue.stats()).running, 1);
+    await runner.stop();
+    await running;
   },
 );
 
