@@ -48,7 +48,7 @@ function stackEnv(
     HOME: Deno.env.get("HOME") ?? "/tmp",
     DENO_BIN: DENO,
     DENO_DIR: Deno.env.get("DENO_DIR") ?? join(Deno.env.get("HOME") ?? "/tmp", ".cache/deno"),
-    APP_DIR: ROOT,
+    APP_DIR: ROOT.replace(/\/$/, ""),
     DATA_DIR: dataDir,
     PORT: String(port),
     HOSTNAME_BIND: "127.0.0.1",
