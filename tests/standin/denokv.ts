@@ -229,7 +229,7 @@ export function createHandler(
   function watch(body: Uint8Array, signal: AbortSignal): Promise<Response> {
     return napi.startWatch(db, body, false).then((watchId) => {
       let closed = false;
-      let ping: number | undefined;
+      let ping: ReturnType<typeof setInterval> | undefined;
       const close = () => {
         if (closed) return;
         closed = true;
