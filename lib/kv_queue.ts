@@ -616,17 +616,26 @@ export class KvQueueRunner {
   }
 
   #startWatch(): void {
-    const reader = this.kv.watch([this.queue.keys.signal()]).getReader();
-    this.#watch = reader;
     (async () => {
-      try {
-        while (!this.#stopping) {
-          const { done } = await reader.read();
-          if (done) break;
-          this.#poke();
+      let pause = 100;
+      while (!this.#stopping) {
+        try {
+          const reader = this.kv.watch([this.queue.keys.signal()]).getReader();
+          this.#watch = reader;
+          while (!this.#stopping) {
+            const { done } = await reader.read();
+            if (done) break;
+            pause = 100;
+            this.#poke();
+          }
+        } catch {
+          // The server went away (restart, network): due-time timers still
+          // fire; re-open the watch with a growing pause.
         }
-      } catch {
-        // A broken watch only costs latency: due-time timers still fire.
+        if (this.#stopping) break;
+        await new Promise((r) => setTimeout(r, pause));
+        pause = Math.min(pause * 2, 5_000);
+        this.#poke();
       }
     })();
   }
