@@ -445,7 +445,8 @@ Deno.test({
       assert.match(dev.output, new RegExp(`token: +${token} +\\(generated`));
       assert.match(dev.output, /replicating to the local folder/);
       assert.match(dev.output, /programs: denokv, proxy/);
-      // Litestream starts its first generation on its first sync, a second after start.
+      // Litestream starts its first generation on its first monitor tick (100 ms) after
+      // start; a stop before that tick replicates nothing (see litestream.yml).
       await waitFor("a generation in the local replica", () => {
         const dirs = [...Deno.readDirSync(join(dataDir, "replica", "generations"))];
         return dirs.length > 0;
