@@ -146,7 +146,14 @@ export async function startProxy(opts: ProxyStart): Promise<Running> {
   if (opts.libDir) env.LIB_DIR = opts.libDir;
   if (opts.dataDir) env.DATA_DIR = opts.dataDir;
   const child = new Deno.Command(DENO, {
-    args: ["run", "--allow-net", "--allow-env", "--allow-read", join(ROOT, "proxy/main.ts")],
+    args: [
+      "run",
+      "--unstable-no-legacy-abort",
+      "--allow-net",
+      "--allow-env",
+      "--allow-read",
+      join(ROOT, "proxy/main.ts"),
+    ],
     cwd: ROOT,
     env,
     stdout: "piped",
