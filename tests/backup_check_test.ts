@@ -53,6 +53,36 @@ async function assertCleanAfter(fx: BackupFixture, was: Before): Promise<void> {
   assert.deepEqual(await dataFiles(fx.dataDir), was.files, "nothing restored next to $DB_PATH");
 }
 
+/** A dead-man's-switch endpoint that counts its pings. */
+function startHeartbeat(): { url: string; pings: () => number } & AsyncDisposable {
+  let pings = 0;
+  const server = Deno.serve({ hostname: "127.0.0.1", port: 0, onListen() {} }, () => {
+    pings++;
+    return new Response("ok");
+  });
+  return {
+    url: `http://127.0.0.1:${server.addr.port}/ping`,
+    pings: () => pings,
+    async [Symbol.asyncDispose]() {
+      await server.shutdown();
+    },
+  };
+}
+
+async function overwriteWithGarbage(fx: BackupFixture, part: "snapshots" | "wal"): Promise<void> {
+  const keys = (await fx.s3.keys("denokv/")).filter((k) => k.includes(`/${part}/`));
+  assert.ok(keys.length > 0, `the replica has ${part} objects`);
+  for (const key of keys) {
+    await fx.s3.client.send(
+      new PutObjectCommand({
+        Bucket: fx.s3.bucket,
+        Key: key,
+        Body: crypto.getRandomValues(new Uint8Array(4096)),
+      }),
+    );
+  }
+}
+
 async function latest(fx: BackupFixture): Promise<CheckRecord> {
   const record = await readLatest(fx.dataDir);
   assert.ok(record, "a history line is written");
@@ -65,9 +95,11 @@ Deno.test(
   async () => {
     await using fx = await startBackupFixture(seed);
     await using smtp = await startSmtpCapture();
+    await using heartbeat = startHeartbeat();
     const was = await before(fx);
-    const run = await fx.runCheck(smtp.env());
+    const run = await fx.runCheck({ ...smtp.env(), HEARTBEAT_URL: heartbeat.url });
     assert.equal(run.code, 0, run.stderr);
+    assert.equal(heartbeat.pings(), 1, "the heartbeat is pinged on PASS");
     assert.equal(smtp.messages.length, 1);
     const [mail] = smtp.messages;
     const record = await latest(fx);
@@ -94,17 +126,7 @@ Deno.test(
   async () => {
     await using fx = await startBackupFixture(seed);
     await using smtp = await startSmtpCapture();
-    const snapshots = (await fx.s3.keys("denokv/")).filter((k) => k.includes("/snapshots/"));
-    assert.ok(snapshots.length > 0);
-    for (const key of snapshots) {
-      await fx.s3.client.send(
-        new PutObjectCommand({
-          Bucket: fx.s3.bucket,
-          Key: key,
-          Body: crypto.getRandomValues(new Uint8Array(4096)),
-        }),
-      );
-    }
+    await overwriteWithGarbage(fx, "snapshots");
     const was = await before(fx);
     const run = await fx.runCheck(smtp.env());
     assert.equal(run.code, 1, run.stderr);
@@ -113,6 +135,23 @@ Deno.test(
     assert.match(mail.subject, /FAILED/);
     assert.match(mail.subject, /failed: restore/);
     assert.match(mail.text, /FAIL\s+restore\s.*litestream restore failed/);
+    assert.equal((await latest(fx)).failedStep, "restore");
+    await assertCleanAfter(fx, was);
+  },
+);
+
+Deno.test(
+  "backup check: a WAL segment overwritten with garbage in the bucket FAILS at the restore step",
+  opts,
+  async () => {
+    await using fx = await startBackupFixture(seed);
+    await using smtp = await startSmtpCapture();
+    await overwriteWithGarbage(fx, "wal");
+    const was = await before(fx);
+    const run = await fx.runCheck(smtp.env());
+    assert.equal(run.code, 1, run.stderr);
+    assert.equal(smtp.messages.length, 1);
+    assert.match(smtp.messages[0].subject, /FAILED.*failed: restore/);
     assert.equal((await latest(fx)).failedStep, "restore");
     await assertCleanAfter(fx, was);
   },
@@ -145,10 +184,16 @@ Deno.test(
   async () => {
     await using fx = await startBackupFixture(seed);
     await using smtp = await startSmtpCapture();
+    await using heartbeat = startHeartbeat();
     await fx.stopReplication();
     const was = await before(fx);
-    const run = await fx.runCheck({ ...smtp.env(), CANARY_TIMEOUT_MS });
+    const run = await fx.runCheck({
+      ...smtp.env(),
+      CANARY_TIMEOUT_MS,
+      HEARTBEAT_URL: heartbeat.url,
+    });
     assert.equal(run.code, 1, run.stderr);
+    assert.equal(heartbeat.pings(), 0, "no heartbeat on FAIL");
     assert.equal(smtp.messages.length, 1);
     const [mail] = smtp.messages;
     const record = await latest(fx);
