@@ -5,7 +5,7 @@
 import assert from "node:assert/strict";
 import { join } from "node:path";
 import { PutObjectCommand } from "@aws-sdk/client-s3";
-import { type BackupFixture, startBackupFixture } from "./_helpers/fauxqs.ts";
+import { type BackupFixture, LITESTREAM_BIN, startBackupFixture } from "./_helpers/fauxqs.ts";
 import { startSmtpCapture } from "./_helpers/smtp.ts";
 import { freePort } from "./_helpers/processes.ts";
 import { type CheckRecord, readLatest } from "../scripts/backup_check/history.ts";
@@ -153,6 +153,47 @@ Deno.test(
     assert.equal(smtp.messages.length, 1);
     assert.match(smtp.messages[0].subject, /FAILED.*failed: restore/);
     assert.equal((await latest(fx)).failedStep, "restore");
+    await assertCleanAfter(fx, was);
+  },
+);
+
+Deno.test(
+  "backup check: a restore that fails once with a transient error is retried and PASSES",
+  opts,
+  async () => {
+    await using fx = await startBackupFixture(seed);
+    // A litestream that fails its first call the way a dropped connection would, then is itself.
+    const marker = join(fx.dir, "failed-once");
+    const flaky = join(fx.dir, "flaky-litestream");
+    await Deno.writeTextFile(
+      flaky,
+      `#!/usr/bin/env bash\nset -euo pipefail\nif [ ! -e ${JSON.stringify(marker)} ]; then\n` +
+        `  touch ${
+          JSON.stringify(marker)
+        }\n  echo "read: connection reset by peer" >&2\n  exit 1\nfi\n` +
+        `exec ${JSON.stringify(LITESTREAM_BIN)} "$@"\n`,
+    );
+    await Deno.chmod(flaky, 0o755);
+    const was = await before(fx);
+    const run = await fx.runCheck({ LITESTREAM_BIN: flaky });
+    assert.equal(run.code, 0, run.stderr);
+    assert.match(run.stdout, /OK\s+restore\s.*\(attempt 2\)/);
+    await assertCleanAfter(fx, was);
+  },
+);
+
+Deno.test(
+  "backup check: an unreachable denokv FAILS at the canary step within its bounds",
+  opts,
+  async () => {
+    await using fx = await startBackupFixture(seed);
+    const was = await before(fx);
+    const started = Date.now();
+    const run = await fx.runCheck({ DENOKV_URL: `http://127.0.0.1:${freePort()}` });
+    assert.equal(run.code, 1, run.stderr);
+    assert.ok(Date.now() - started < 60_000, "bounded");
+    assert.match(run.stdout, /FAIL\s+canary\s/);
+    assert.equal((await latest(fx)).failedStep, "canary");
     await assertCleanAfter(fx, was);
   },
 );
