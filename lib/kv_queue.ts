@@ -372,6 +372,10 @@ export class KvQueue {
   async enqueue<T = unknown>(type: string, data: T, options: EnqueueOptions = {}): Promise<string> {
     const msg = this.prepare(type, data, options);
     await this.#checkBacklog(1);
+    if (msg.meta.idempotencyKey === undefined) {
+      await this.#groupCommit(msg);
+      return msg.id;
+    }
     const res = await this.addTo(this.kv.atomic(), msg).commit();
     if (res.ok) return msg.id;
     this.#countSinceRead--;
@@ -379,6 +383,42 @@ export class KvQueue {
     if (existing.value !== null) return existing.value;
     // The pending message finished between our commit and the read: retry once.
     return await this.enqueue(type, data, options);
+  }
+
+  #pending: { msg: Prepared; done: PromiseWithResolvers<void> }[] = [];
+  #flushScheduled = false;
+
+  /**
+   * Enqueues made in the same turn of the event loop share one commit
+   * ({@linkcode ENQUEUE_BATCH} at most): one KV write instead of one each.
+   * They carry no checks, so the group can only fail as a whole.
+   */
+  #groupCommit(msg: Prepared): Promise<void> {
+    const done = Promise.withResolvers<void>();
+    this.#pending.push({ msg, done });
+    if (!this.#flushScheduled) {
+      this.#flushScheduled = true;
+      setTimeout(() => {
+        this.#flushScheduled = false;
+        const pending = this.#pending;
+        this.#pending = [];
+        for (let i = 0; i < pending.length; i += ENQUEUE_BATCH) {
+          const group = pending.slice(i, i + ENQUEUE_BATCH);
+          const op = this.kv.atomic();
+          for (const { msg } of group) this.addTo(op, msg);
+          op.commit().then(
+            (res) => {
+              const err = new Error("enqueue: atomic commit failed");
+              for (const { done } of group) res.ok ? done.resolve() : done.reject(err);
+            },
+            (err) => {
+              for (const { done } of group) done.reject(err);
+            },
+          );
+        }
+      }, 0);
+    }
+    return done.promise;
   }
 
   /**
@@ -605,7 +645,14 @@ export class KvQueueRunner {
       await this.#release(claimed).catch(() => {});
     }
     this.#inFlight.clear();
-    await running;
+    // The loop may sit in a KV call the client retries while the server is
+    // unreachable: it stops at its next step, stop() does not wait for that.
+    let loopTimer: ReturnType<typeof setTimeout> | undefined;
+    await Promise.race([
+      running,
+      new Promise((r) => loopTimer = setTimeout(r, Math.max(this.stopTimeoutMs, 1_000))),
+    ]);
+    clearTimeout(loopTimer);
   }
 
   #poke(): void {
@@ -670,7 +717,9 @@ export class KvQueueRunner {
       }
     } finally {
       this.#wake = null;
-      await this.#watch?.cancel().catch(() => {});
+      // Not awaited: a watch stream may only notice the cancel at its next
+      // frame, and stopping must not wait for that.
+      this.#watch?.cancel().catch(() => {});
       this.#watch = null;
     }
   }
