@@ -152,7 +152,10 @@ export async function runBackupCheck(
   try {
     log(`canary ${canary.id}`);
     await step(rows, "canary", async () => {
-      const before = dataKeys(await listReplica(client, config.s3));
+      const listed = await listReplica(client, config.s3);
+      const before = dataKeys(listed);
+      // The canary makes the replica fresh; its age before the canary says whether it was idle.
+      const ageBefore = age(replicaHealth(listed).newestObjectAt, new Date());
       // Deno's remote KV client takes its token from the environment only.
       Deno.env.set("DENO_KV_ACCESS_TOKEN", config.accessToken);
       live = await Deno.openKv(config.denokvUrl);
@@ -181,7 +184,8 @@ export async function runBackupCheck(
       const waited = ((Date.now() - since.getTime()) / 1000).toFixed(1);
       return {
         ok: true,
-        detail: `canary ${canary.id} written, replica caught up after ${waited} s`,
+        detail: `canary ${canary.id} written, replica caught up after ${waited} s ` +
+          `(replica age before the canary: ${ageBefore})`,
       };
     });
 

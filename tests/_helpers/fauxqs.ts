@@ -118,10 +118,12 @@ export async function startBackupFixture(
     }).spawn();
     const litestream = new Running("litestream", child, 0);
     cleanups.push(() => litestream.stop("SIGKILL"));
-    await waitFor("Litestream's first snapshot", async () => {
+    await waitFor("Litestream's first snapshot and WAL segment", async () => {
       const status = await Promise.race([litestream.done, Promise.resolve(null)]);
       if (status) throw new Error(`litestream exited ${status.code}: ${litestream.output}`);
-      return (await s3.keys(`${FIXTURE_REPLICA_PATH}/`)).some((k) => k.includes("/snapshots/"));
+      // Litestream uploads the snapshot, then the first WAL segment a moment later.
+      const keys = await s3.keys(`${FIXTURE_REPLICA_PATH}/`);
+      return ["/snapshots/", "/wal/"].every((part) => keys.some((k) => k.includes(part)));
     }, { timeoutMs: 60_000, intervalMs: 200 });
     const env = (extra: Record<string, string> = {}) => ({
       PATH: TEST_PATH,
