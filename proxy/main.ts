@@ -5,6 +5,7 @@
 import { fileURLToPath } from "node:url";
 import { isAbsolute, resolve } from "node:path";
 import { createApp } from "./app.ts";
+import { statusRoutes } from "./status.ts";
 
 /** The proxy's validated configuration. */
 export interface ProxyConfig {
@@ -62,6 +63,7 @@ export function serveProxy(config: ProxyConfig): Deno.HttpServer {
     libDir: config.libDir,
     accessToken: config.accessToken,
     upstreamTimeoutMs: config.upstreamTimeoutMs,
+    extend: statusRoutes({ dataDir: config.dataDir, accessToken: config.accessToken }),
     log: config.accessLog ? (line) => console.log(line) : undefined,
   });
   return Deno.serve({
