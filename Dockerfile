@@ -19,11 +19,16 @@ WORKDIR /app
 COPY package.json package-lock.json ./
 RUN npm ci --omit=dev --ignore-scripts
 
-FROM debian:bookworm-slim
+# Litestream: the very binary the tests run, from npm @flydotio/litestream-linux-x64
+# (ships Litestream 0.3.13), pinned and sha512-checked by package-lock.json.
+FROM node:${NODE_VERSION}-bookworm-slim AS litestream
 ARG LITESTREAM_VERSION=0.3.13
-# sha256 of litestream-v${LITESTREAM_VERSION}-linux-amd64.tar.gz from the release page.
-# Deliberately no default until someone has verified it: the build stops without it.
-ARG LITESTREAM_SHA256
+WORKDIR /build
+COPY package.json package-lock.json ./
+RUN npm ci --ignore-scripts --no-audit --no-fund \
+  && ./node_modules/@flydotio/litestream-linux-x64/litestream version | grep -qx "v${LITESTREAM_VERSION}"
+
+FROM debian:bookworm-slim
 ARG SUPERCRONIC_VERSION=v0.2.33
 # Supercronic publishes SHA1 sums with each release (supercronic-linux-amd64).
 ARG SUPERCRONIC_SHA1SUM=71b0d58cc53f6bd72cf2f293e09e294b79c666d8
@@ -32,17 +37,12 @@ RUN apt-get update \
   && apt-get install -y --no-install-recommends ca-certificates curl supervisor sqlite3 \
   && rm -rf /var/lib/apt/lists/*
 
-RUN test -n "${LITESTREAM_SHA256}" || { echo "set --build-arg LITESTREAM_SHA256" >&2; exit 1; }
-RUN curl -fsSLo /tmp/litestream.tar.gz \
-    "https://github.com/benbjohnson/litestream/releases/download/v${LITESTREAM_VERSION}/litestream-v${LITESTREAM_VERSION}-linux-amd64.tar.gz" \
-  && echo "${LITESTREAM_SHA256}  /tmp/litestream.tar.gz" | sha256sum -c - \
-  && tar -xzf /tmp/litestream.tar.gz -C /usr/local/bin litestream \
-  && rm /tmp/litestream.tar.gz \
-  && curl -fsSLo /usr/local/bin/supercronic \
+RUN curl -fsSLo /usr/local/bin/supercronic \
     "https://github.com/aptible/supercronic/releases/download/${SUPERCRONIC_VERSION}/supercronic-linux-amd64" \
   && echo "${SUPERCRONIC_SHA1SUM}  /usr/local/bin/supercronic" | sha1sum -c - \
   && chmod +x /usr/local/bin/supercronic
 
+COPY --from=litestream /build/node_modules/@flydotio/litestream-linux-x64/litestream /usr/local/bin/litestream
 COPY --from=denokv /usr/local/bin/denokv /usr/local/bin/denokv
 COPY --from=deno /deno /usr/local/bin/deno
 

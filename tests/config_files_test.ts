@@ -124,7 +124,14 @@ Deno.test("Dockerfile: versions are pinned and the entry point is supervisord on
   assert.match(dockerfile, /ARG SUPERCRONIC_VERSION=v\d+\.\d+\.\d+\b/);
   assert.match(dockerfile, /ARG DENOKV_VERSION=\d+\.\d+\.\d+\b/);
   assert.match(dockerfile, /FROM ghcr\.io\/denoland\/denokv:\$\{DENOKV_VERSION\}/);
-  assert.match(dockerfile, /sha256sum -c/);
+  // Litestream is the lockfile-pinned (sha512-checked) npm binary the tests run.
+  assert.match(
+    dockerfile,
+    /npm ci --ignore-scripts[\s\S]*litestream version \| grep -qx "v\$\{LITESTREAM_VERSION\}"/,
+  );
+  const lock = JSON.parse(Deno.readTextFileSync(join(ROOT, "package-lock.json")));
+  const pkg = lock.packages["node_modules/@flydotio/litestream-linux-x64"];
+  assert.ok(pkg?.version && pkg.integrity?.startsWith("sha512-"), "litestream binary not pinned");
   assert.match(dockerfile, /sha1sum -c/);
   assert.match(dockerfile, /npm ci --omit=dev/);
   assert.match(dockerfile, /deno cache proxy\/main\.ts/);
