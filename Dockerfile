@@ -4,10 +4,11 @@
 # checks that everything copied here exists and every configured path resolves.
 
 ARG DENO_VERSION=2.9.6
-ARG DENOKV_VERSION=0.8.1
+ARG DENOKV_VERSION=0.12.0
 ARG NODE_VERSION=20.19.5
 
-# The official denokv binary, taken from its own image.
+# The official denokv binary, taken from its own image (tags are the release numbers;
+# 0.12.0 is the release whose source we read; the binary lives at /usr/local/bin/denokv).
 FROM ghcr.io/denoland/denokv:${DENOKV_VERSION} AS denokv
 
 # The official Deno binary.
