@@ -11,12 +11,14 @@ import {
   digest,
   encodeKey,
   fail,
+  intOption,
   type KvLocation,
   openLocation,
   parseLocation,
   parsePrefix,
   Progress,
   readPages,
+  tokenFor,
   writeEntries,
 } from "./kv_transfer.ts";
 
@@ -52,15 +54,6 @@ export interface CopyConfig {
   progressMs: number;
 }
 
-function positiveInt(name: string, text: string | undefined, fallback: number, min = 1): number {
-  if (text === undefined) return fallback;
-  const n = Number(text);
-  if (!Number.isInteger(n) || n < min) {
-    throw new RangeError(`"--${name}" must be an integer >= ${min}: got ${text}`);
-  }
-  return n;
-}
-
 /** Parses and validates the command line and the environment. */
 export function loadConfig(args: string[], env: Record<string, string>): CopyConfig {
   const { values, positionals } = parseArgs({
@@ -92,12 +85,6 @@ export function loadConfig(args: string[], env: Record<string, string>): CopyCon
   const from = parseLocation(values.from);
   const to = parseLocation(values.to);
   if (from.spec === to.spec) throw new TypeError(`"--from" and "--to" are the same: ${from.spec}`);
-  const token = (name: string, loc: KvLocation) => {
-    if (!loc.remote) return undefined;
-    const t = env[name];
-    if (!t) throw new TypeError(`${loc.spec} needs a token: environment variable ${name} is unset`);
-    return t;
-  };
   const prefixes = (values.prefix ?? []).map(parsePrefix);
   if (prefixes.length === 0) prefixes.push([]);
   const id = createHash("sha256")
@@ -106,16 +93,16 @@ export function loadConfig(args: string[], env: Record<string, string>): CopyCon
   return {
     from,
     to,
-    fromToken: token(values["from-token-env"], from),
-    toToken: token(values["to-token-env"], to),
+    fromToken: tokenFor(from, env, values["from-token-env"]),
+    toToken: tokenFor(to, env, values["to-token-env"]),
     prefixes,
     dryRun: values["dry-run"],
     resume: values.resume,
     overwrite: values.overwrite,
     verify: !values["no-verify"],
     checkpoint: values.checkpoint ?? `.kv-copy-${id}.checkpoint.json`,
-    pageSize: positiveInt("page-size", values["page-size"], DEFAULT_PAGE_SIZE),
-    progressMs: positiveInt("progress-ms", values["progress-ms"], 5000, 0),
+    pageSize: intOption("page-size", values["page-size"], DEFAULT_PAGE_SIZE, 1),
+    progressMs: intOption("progress-ms", values["progress-ms"], 5000, 0),
   };
 }
 

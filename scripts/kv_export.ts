@@ -9,12 +9,14 @@ import {
   DEFAULT_PAGE_SIZE,
   entryToLine,
   fail,
+  intOption,
   type KvLocation,
   openLocation,
   parseLocation,
   parsePrefix,
   Progress,
   readPages,
+  tokenFor,
 } from "./kv_transfer.ts";
 
 const USAGE = `usage: kv-export [--prefix k1,k2]... [--token-env NAME] [--output FILE]
@@ -28,15 +30,6 @@ export interface ExportConfig {
   output?: string;
   pageSize: number;
   progressMs: number;
-}
-
-function int(name: string, text: string | undefined, fallback: number, min: number): number {
-  if (text === undefined) return fallback;
-  const n = Number(text);
-  if (!Number.isInteger(n) || n < min) {
-    throw new RangeError(`"--${name}" must be an integer >= ${min}: got ${text}`);
-  }
-  return n;
 }
 
 /** Parses and validates the command line and the environment. */
@@ -63,15 +56,7 @@ export function loadConfig(args: string[], env: Record<string, string>): ExportC
     );
   }
   const source = parseLocation(positionals[0]);
-  let token: string | undefined;
-  if (source.remote) {
-    token = env[values["token-env"]];
-    if (!token) {
-      throw new TypeError(
-        `${source.spec} needs a token: environment variable ${values["token-env"]} is unset`,
-      );
-    }
-  }
+  const token = tokenFor(source, env, values["token-env"]);
   const prefixes = (values.prefix ?? []).map(parsePrefix);
   if (prefixes.length === 0) prefixes.push([]);
   return {
@@ -79,8 +64,8 @@ export function loadConfig(args: string[], env: Record<string, string>): ExportC
     token,
     prefixes,
     output: values.output,
-    pageSize: int("page-size", values["page-size"], DEFAULT_PAGE_SIZE, 1),
-    progressMs: int("progress-ms", values["progress-ms"], 5000, 0),
+    pageSize: intOption("page-size", values["page-size"], DEFAULT_PAGE_SIZE, 1),
+    progressMs: intOption("progress-ms", values["progress-ms"], 5000, 0),
   };
 }
 

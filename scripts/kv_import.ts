@@ -8,6 +8,7 @@ import { createHash } from "node:crypto";
 import {
   encodeValue,
   fail,
+  intOption,
   type KvLocation,
   lineToEntry,
   MAX_GET_MANY,
@@ -16,6 +17,7 @@ import {
   openLocation,
   parseLocation,
   Progress,
+  tokenFor,
   writeEntries,
 } from "./kv_transfer.ts";
 
@@ -56,22 +58,8 @@ export function loadConfig(args: string[], env: Record<string, string>): ImportC
     );
   }
   const dest = parseLocation(positionals[0]);
-  let token: string | undefined;
-  if (dest.remote) {
-    token = env[values["token-env"]];
-    if (!token) {
-      throw new TypeError(
-        `${dest.spec} needs a token: environment variable ${values["token-env"]} is unset`,
-      );
-    }
-  }
-  let progressMs = 5000;
-  if (values["progress-ms"] !== undefined) {
-    progressMs = Number(values["progress-ms"]);
-    if (!Number.isInteger(progressMs) || progressMs < 0) {
-      throw new RangeError(`"--progress-ms" must be an integer >= 0: got ${values["progress-ms"]}`);
-    }
-  }
+  const token = tokenFor(dest, env, values["token-env"]);
+  const progressMs = intOption("progress-ms", values["progress-ms"], 5000, 0);
   return {
     dest,
     token,

@@ -329,6 +329,35 @@ export function keyId(key: Deno.KvKey): string {
 // ---------------------------------------------------------------------------
 // Reading
 
+/** Parses an integer option `--name`; `fallback` when absent, a RangeError below `min`. */
+export function intOption(
+  name: string,
+  text: string | undefined,
+  fallback: number,
+  min: number,
+): number {
+  if (text === undefined) return fallback;
+  const n = Number(text);
+  if (!Number.isInteger(n) || n < min) {
+    throw new RangeError(`"--${name}" must be an integer >= ${min}: got ${text}`);
+  }
+  return n;
+}
+
+/** The token for `loc` from the variable `varName`: undefined for a local file, a TypeError when unset. */
+export function tokenFor(
+  loc: KvLocation,
+  env: Record<string, string>,
+  varName: string,
+): string | undefined {
+  if (!loc.remote) return undefined;
+  const token = env[varName];
+  if (!token) {
+    throw new TypeError(`${loc.spec} needs a token: environment variable ${varName} is unset`);
+  }
+  return token;
+}
+
 /** Parses a `--prefix` value: a JSON array, or comma-separated string parts. */
 export function parsePrefix(text: string): Deno.KvKey {
   if (text.trim().startsWith("[")) {
