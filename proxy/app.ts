@@ -165,8 +165,8 @@ function accessLog(log: (line: string) => void): MiddlewareHandler {
 }
 
 /**
- * Streams a KV Connect request to denokv and its answer back, both ways
- * unbuffered, so the long-lived `/v2/watch` stream passes through frame by frame.
+ * Sends a KV Connect request to denokv and streams its answer back unbuffered,
+ * so the long-lived `/v2/watch` stream passes through frame by frame.
  */
 function forwarder(
   origin: string,
@@ -176,11 +176,13 @@ function forwarder(
   return async (c) => {
     const req = c.req.raw;
     const url = new URL(req.url);
-    const headers = new Headers(req.headers);
-    for (const name of connectionTokens(headers)) headers.delete(name);
-    for (const name of HOP_BY_HOP) headers.delete(name);
+    const headers = withoutHopByHop(req.headers);
     headers.delete("host");
     headers.delete("content-length");
+    // Bodies with a known length (bodyLimit has capped it) are read whole: one
+    // write upstream with a content-length costs far less than a chunked
+    // stream. Bodies of unknown length stay streams.
+    const body = req.headers.has("content-length") ? await req.arrayBuffer() : req.body;
 
     // The timer covers the wait for response headers only; the client's own
     // abort reaches denokv through the same controller at any time.
@@ -193,13 +195,6 @@ function forwarder(
     );
     let res: Response;
     try {
-      // Small bodies with a known length are read whole: one write upstream
-      // with a content-length costs far less than a chunked stream. Bodies of
-      // unknown length stay streams.
-      const length = req.headers.get("content-length");
-      const body = length !== null && !url.pathname.endsWith("/watch")
-        ? await req.arrayBuffer()
-        : req.body;
       res = await doFetch(origin + url.pathname + url.search, {
         method: req.method,
         headers,
@@ -221,17 +216,18 @@ function forwarder(
       clearTimeout(timer);
     }
     if (res.body === null) req.signal.removeEventListener("abort", onAbort);
-    const out = new Headers(res.headers);
-    for (const name of connectionTokens(out)) out.delete(name);
-    for (const name of HOP_BY_HOP) out.delete(name);
+    const out = withoutHopByHop(res.headers);
     out.delete("access-control-allow-origin");
     return new Response(res.body, { status: res.status, statusText: res.statusText, headers: out });
   };
 }
 
-function connectionTokens(headers: Headers): string[] {
-  const value = headers.get("connection");
-  return value ? value.split(",").map((s) => s.trim().toLowerCase()).filter(Boolean) : [];
+/** A copy of `headers` without hop-by-hop headers, including those `Connection` names. */
+function withoutHopByHop(headers: Headers): Headers {
+  const out = new Headers(headers);
+  const named = headers.get("connection")?.split(",").map((s) => s.trim()) ?? [];
+  for (const name of [...named, ...HOP_BY_HOP]) if (name) out.delete(name);
+  return out;
 }
 
 /** `null` when denokv answered a real metadata exchange, otherwise the reason. */
