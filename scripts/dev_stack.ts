@@ -60,6 +60,23 @@ export interface Program {
   autostart: boolean;
 }
 
+/** The `[program:x]` sections of a supervisord.conf: name to raw `key = value` settings. */
+export function programSections(conf: string): Map<string, Record<string, string>> {
+  const sections = new Map<string, Record<string, string>>();
+  let current: Record<string, string> | null = null;
+  for (const line of conf.split("\n")) {
+    const section = /^\[(?:program:(\w+)|.*)\]/.exec(line);
+    if (section) {
+      current = section[1] ? {} : null;
+      if (section[1]) sections.set(section[1], current!);
+      continue;
+    }
+    const kv = /^(\w+)\s*=\s*(.*)$/.exec(line);
+    if (kv && current) current[kv[1]] = kv[2].trim();
+  }
+  return sections;
+}
+
 /** Reads the programs of a supervisord.conf, expanding `%(ENV_X)s` from `env`. */
 export function parsePrograms(conf: string, env: Record<string, string>): Program[] {
   const expand = (value: string) =>
@@ -67,31 +84,14 @@ export function parsePrograms(conf: string, env: Record<string, string>): Progra
       if (!(name in env)) throw new Error(`supervisord.conf needs ${name} in the environment`);
       return env[name];
     });
-  const programs: Program[] = [];
-  let current: Record<string, string> | null = null;
-  const flush = (name: string | null) => {
-    if (!name || !current?.command) return;
-    programs.push({
+  return [...programSections(conf)]
+    .filter(([, settings]) => settings.command)
+    .map(([name, settings]) => ({
       name,
-      command: expand(current.command),
-      directory: current.directory ? expand(current.directory) : undefined,
-      autostart: expand(current.autostart ?? "true") === "true",
-    });
-  };
-  let name: string | null = null;
-  for (const line of conf.split("\n")) {
-    const section = /^\[(?:program:(\w+)|.*)\]/.exec(line);
-    if (section) {
-      flush(name);
-      name = section[1] ?? null;
-      current = {};
-      continue;
-    }
-    const kv = /^(\w+)\s*=\s*(.*)$/.exec(line);
-    if (kv && current) current[kv[1]] = kv[2].trim();
-  }
-  flush(name);
-  return programs;
+      command: expand(settings.command),
+      directory: settings.directory ? expand(settings.directory) : undefined,
+      autostart: expand(settings.autostart ?? "true") === "true",
+    }));
 }
 
 async function onPath(name: string, path: string): Promise<boolean> {

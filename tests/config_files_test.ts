@@ -3,6 +3,7 @@
  * file the Dockerfile copies exists, and every path and command in
  * supervisord.conf and crontab resolves inside the image the Dockerfile builds.
  */
+import { programSections } from "../scripts/dev_stack.ts";
 import assert from "node:assert/strict";
 import { existsSync, statSync } from "node:fs";
 import { join, posix } from "node:path";
@@ -88,23 +89,6 @@ function expandSupervisord(text: string): string {
   });
 }
 
-function programs(text: string): Map<string, Record<string, string>> {
-  const out = new Map<string, Record<string, string>>();
-  let current: Record<string, string> | null = null;
-  for (const line of text.split("\n")) {
-    const section = /^\[program:(\w+)\]/.exec(line);
-    if (section) {
-      current = {};
-      out.set(section[1], current);
-    } else if (/^\[/.test(line)) current = null;
-    else if (current) {
-      const kv = /^(\w+)\s*=\s*(.*)$/.exec(line);
-      if (kv) current[kv[1]] = kv[2].trim();
-    }
-  }
-  return out;
-}
-
 Deno.test("Dockerfile: every file it copies from the build context exists", () => {
   assert.ok(copied.size > 0, "the Dockerfile copies nothing");
   for (const [target, src] of copied) {
@@ -164,7 +148,7 @@ Deno.test("supervisord.conf: every path and command resolves in the image layout
       if (repo) assert.ok(existsSync(repo), `${m[1]}: ${path} -> ${repo} does not exist`);
     }
   }
-  const progs = programs(expanded);
+  const progs = programSections(expanded);
   assert.deepEqual([...progs.keys()].sort(), ["denokv", "proxy", "supercronic"]);
   const imageBinsWithScripts = (cmd: string) => {
     const first = cmd.split(/\s+/)[0];
@@ -190,7 +174,7 @@ Deno.test("supervisord.conf: every path and command resolves in the image layout
 });
 
 Deno.test("supervisord.conf and fly.toml: the final sync has time to finish", () => {
-  const progs = programs(expandSupervisord(supervisordConf));
+  const progs = programSections(expandSupervisord(supervisordConf));
   const stopwait = Number(progs.get("denokv")!.stopwaitsecs);
   assert.ok(stopwait >= 30, `denokv stopwaitsecs=${stopwait} is too short for the final sync`);
   const killTimeout = Number(/^kill_timeout\s*=\s*(\d+)/m.exec(flyToml)?.[1]);
