@@ -22,6 +22,8 @@ export const TEST_PATH = [
 /** A running child process whose combined output is kept for assertions. */
 export class Running {
   #output: string[] = [];
+  /** The exit status once the process has ended, else null. */
+  exited: Deno.CommandStatus | null = null;
   readonly done: Promise<Deno.CommandStatus>;
   constructor(readonly name: string, readonly child: Deno.ChildProcess, readonly port: number) {
     const keep = async (stream: ReadableStream<Uint8Array>) => {
@@ -33,6 +35,7 @@ export class Running {
     const piped = Promise.all([keep(child.stdout), keep(child.stderr)]);
     this.done = child.status.then(async (status) => {
       await piped.catch(() => {});
+      this.exited = status;
       return status;
     });
   }
@@ -51,6 +54,11 @@ export class Running {
   }
   async [Symbol.asyncDispose](): Promise<void> {
     await this.stop("SIGKILL");
+  }
+  /** Waits until `probe` answers true; fails at once, with the output, if the process exits. */
+  async untilServing(what: string, probe: () => Promise<boolean>): Promise<void> {
+    await waitFor(what, async () => this.exited !== null || await probe());
+    if (this.exited) throw new Error(`${this.name} exited ${this.exited.code}: ${this.output}`);
   }
 }
 
@@ -114,11 +122,7 @@ export async function startStandin(opts: StandinStart): Promise<Running> {
     stderr: "piped",
   }).spawn();
   const running = new Running("denokv", child, port);
-  await waitFor("the denokv stand-in to listen", async () => {
-    const status = await Promise.race([running.done, Promise.resolve(null)]);
-    if (status) throw new Error(`stand-in exited ${status.code}: ${running.output}`);
-    return await answers(running.url);
-  });
+  await running.untilServing("the denokv stand-in to listen", () => answers(running.url));
   return running;
 }
 
@@ -160,9 +164,7 @@ export async function startProxy(opts: ProxyStart): Promise<Running> {
     stderr: "piped",
   }).spawn();
   const running = new Running("proxy", child, port);
-  await waitFor("the proxy to listen", async () => {
-    const status = await Promise.race([running.done, Promise.resolve(null)]);
-    if (status) throw new Error(`proxy exited ${status.code}: ${running.output}`);
+  await running.untilServing("the proxy to listen", async () => {
     const res = await fetch(`${running.url}/`).catch(() => null);
     await res?.body?.cancel();
     return res !== null;
