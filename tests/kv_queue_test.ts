@@ -14,7 +14,6 @@ import {
   Running,
   type Stack,
   startStack,
-  startStandin,
   TEST_TOKEN,
   waitFor,
 } from "./_helpers/processes.ts";
@@ -725,43 +724,6 @@ Deno.test(
     }
   },
 );
-
-Deno.test("KvQueueRunner keeps working after denokv restarts under it", opts, async () => {
-  await using own = await startStack();
-  const kv = await openRemoteKv(own.proxy.url);
-  const queue = new KvQueue(kv, { prefix: ["restart"] });
-  const got: number[] = [];
-  queue.handle<number>("r", (n) => {
-    got.push(n);
-  });
-  const runner = new KvQueueRunner(kv, queue);
-  const running = runner.run();
-  try {
-    await queue.enqueue("r", 1);
-    await waitFor("the first message", () => got.length === 1);
-    const port = own.denokv.port;
-    await own.denokv.stop("SIGKILL");
-    await sleep(500);
-    // The port can take a moment to be free again on a loaded machine.
-    let again: Awaited<ReturnType<typeof startStandin>> | null = null;
-    for (let i = 0; i < 10 && !again; i++) {
-      again = await startStandin({ sqlitePath: join(own.dir, "denokv.sqlite"), port })
-        .catch(() => sleep(500).then(() => null));
-    }
-    assert.ok(again, "the stand-in restarted");
-    await using _again = again;
-    await queue.enqueue("r", 2);
-    await waitFor("the message sent after the restart", () => got.length === 2, {
-      timeoutMs: 20_000,
-    });
-    assert.deepEqual(got, [1, 2]);
-    assert.equal(again.port, port);
-  } finally {
-    await runner.stop();
-    await running;
-    kv.close();
-  }
-});
 
 Deno.test("teardown: stop the shared stack", opts, async () => {
   // deno-lint-ignore no-explicit-any
