@@ -182,10 +182,19 @@ export interface Stack {
 
 /** Boots a stand-in and a proxy over a fresh database. */
 export async function startStack(
-  opts: { token?: string; libDir?: string; proxyEnv?: Record<string, string> } = {},
+  opts: {
+    token?: string;
+    libDir?: string;
+    proxyEnv?: Record<string, string>;
+    standinEnv?: Record<string, string>;
+  } = {},
 ): Promise<Stack> {
   const dir = await Deno.makeTempDir({ prefix: "denokv-test-" });
-  const denokv = await startStandin({ sqlitePath: join(dir, "denokv.sqlite"), token: opts.token });
+  const denokv = await startStandin({
+    sqlitePath: join(dir, "denokv.sqlite"),
+    token: opts.token,
+    env: opts.standinEnv,
+  });
   const proxy = await startProxy({
     denokvUrl: denokv.url,
     token: opts.token,

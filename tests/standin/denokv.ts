@@ -41,6 +41,8 @@ export interface StandinOptions {
   addr: { hostname: string; port: number };
   accessToken: string;
   readOnly: boolean;
+  /** Test-only, beside denokv's own options: log each request body's size (`STANDIN_LOG_BODY_SIZES=1`). */
+  logBodySizes: boolean;
 }
 
 /** Parses denokv's own command line; throws with a usage message on anything else. */
@@ -81,7 +83,8 @@ export function parseArgs(args: string[], env: Record<string, string | undefined
     throw new Error(`--addr must be host:port, got ${addr}`);
   }
   const hostname = addr.slice(0, colon).replace(/^\[|\]$/g, "");
-  return { sqlitePath, accessToken, readOnly, addr: { hostname, port } };
+  const logBodySizes = env.STANDIN_LOG_BODY_SIZES === "1";
+  return { sqlitePath, accessToken, readOnly, logBodySizes, addr: { hostname, port } };
 }
 
 /** An error answered the way denokv answers it: a status and a plain-text message. */
@@ -194,7 +197,10 @@ function frame(payload: Uint8Array): Uint8Array {
 export function createHandler(
   napi: KvNapi,
   db: number,
-  options: Pick<StandinOptions, "accessToken" | "readOnly">,
+  options: Pick<StandinOptions, "accessToken" | "readOnly"> & {
+    /** Receives the body size of each data-path request (tests of request sizes). */
+    onBody?: (op: string, bytes: number) => void;
+  },
 ): (req: Request) => Promise<Response> {
   const token = options.accessToken;
 
@@ -278,6 +284,7 @@ export function createHandler(
       }
       checkDataPath(req, token);
       const body = new Uint8Array(await req.arrayBuffer());
+      options.onBody?.(op, body.length);
       try {
         if (op === "snapshot_read") return protobuf(await napi.snapshotRead(db, body, false));
         if (op === "watch") return await watch(body, req.signal);
@@ -299,7 +306,10 @@ export function createHandler(
 export function serve(options: StandinOptions): Deno.HttpServer {
   const napi = loadNapi();
   const db = napi.open(options.sqlitePath, false, false);
-  const handler = createHandler(napi, db, options);
+  const onBody = options.logBodySizes
+    ? (op: string, bytes: number) => console.error(`denokv stand-in: body ${op} ${bytes}`)
+    : undefined;
+  const handler = createHandler(napi, db, { ...options, onBody });
   const server = Deno.serve({
     hostname: options.addr.hostname,
     port: options.addr.port,
