@@ -6,22 +6,27 @@
  *
  * Key layout, all under one prefix `P` (default `["__kvq__"]`):
  *
- * | key                     | value                                          |
- * | ----------------------- | ---------------------------------------------- |
- * | `[...P, "m", id]`       | message metadata (type, options, enqueue time) |
- * | `[...P, "v", id]`       | the message value itself (up to 64 KiB)        |
- * | `[...P, "r", due, id]`  | schedule index: the message may be claimed once `due` (ms) has passed |
- * | `[...P, "l", id]`       | lease: owner, `until`, delivery attempts        |
- * | `[...P, "i", key]`      | idempotency key → message id, while pending    |
- * | `[...P, "d", id]`       | dead letter metadata (error, failure time)     |
- * | `[...P, "dv", id]`      | dead letter value                              |
- * | `[...P, "sig"]`         | bumped by every enqueue; workers `watch` it    |
- * | `[...P, "count"]`       | `Deno.KvU64` number of pending messages        |
+ * | key                       | value                                            |
+ * | ------------------------- | ------------------------------------------------ |
+ * | `[...P, "r", due, id]`    | the message's envelope: type, options, attempts, and the owner while leased |
+ * | `[...P, "v", id]`         | the message value itself (up to 64 KiB)          |
+ * | `[...P, "i", key]`        | idempotency key → message id, while pending      |
+ * | `[...P, "oh", okey]`      | ordering key's line: head id and sequence numbers |
+ * | `[...P, "oq", okey, seq]` | a message waiting in its ordering key's line     |
+ * | `[...P, "d", id]`         | dead letter (type, attempts, error, times)       |
+ * | `[...P, "dv", id]`        | dead letter value                                |
+ * | `[...P, "sig"]`           | bumped by enqueues, retries and releases; workers `watch` it |
+ * | `[...P, "count"]`         | `Deno.KvU64` number of pending messages          |
  *
- * A claim moves the schedule entry to the lease's expiry in the same atomic
- * commit that writes the lease (checked by versionstamp), so a crashed
- * worker's message becomes due again by itself when its lease runs out, and
- * workers only ever scan one ordered index.
+ * Every pending message has exactly one `"r"` entry, ordered by the time it
+ * may next be taken. A claim moves that entry to the lease's expiry, with the
+ * owner in its value, in one commit checked by versionstamp; renewals move it
+ * again. So one ordered index answers "what is due", a crashed worker's
+ * message comes back by itself when its lease runs out, and the versionstamp
+ * of the entry is the lease token. Claims, completions and enqueues made
+ * together share commits (up to 10 checks and under 1 KiB each, see
+ * `REQUEST_BUDGET_BYTES`), so a delivered message costs less than one KV
+ * write.
  *
  * @module
  */
@@ -38,17 +43,28 @@ export const MAX_VALUE_BYTES = 65536;
  * Connect's 800 KiB per atomic write with 64 KiB values.
  */
 export const MAX_KEYS_IF_UNDELIVERED = 10;
-/** Messages per atomic commit in batch enqueues (10 × 64 KiB < 800 KiB per write). */
+/** Most messages per atomic commit in batch enqueues (10 × 64 KiB < 800 KiB per write); small ones are also held under 1 KiB per commit. */
 export const ENQUEUE_BATCH = 10;
 /** Default number of pending messages after which enqueue throws. */
 export const DEFAULT_BACKLOG_LIMIT = 100_000;
 /** Default lease time; renewed every third of it while a handler runs. */
 export const DEFAULT_LEASE_MS = 30_000;
 
-const U64_MINUS_ONE = 0xffffffffffffffffn;
+/** denokv allows 10 checks per atomic write: one per claimed or completed message. */
+const CHECKS_PER_COMMIT = 10;
+/**
+ * Deno's KV client (hyper's HTTP/2 over a socket with Nagle's algorithm on,
+ * without vectored writes) sends a request body over 1 KiB in a second TCP
+ * write, which then waits for the server's ACK of the first: about 40 ms
+ * against a Linux server's delayed ACK. Batched commits stay under this many
+ * estimated bytes so that each goes out in one write.
+ */
+const REQUEST_BUDGET_BYTES = 960;
 const U64_MOD = 0x10000000000000000n;
-/** One check per completion under KV Connect's 10 checks per atomic write. */
-const COMPLETIONS_PER_COMMIT = 10;
+/** Commits `enqueueMany` keeps in flight at once. */
+const ENQUEUE_MANY_IN_FLIGHT = 4;
+/** Commit attempts before an enqueue or completion on a busy ordering key gives up. */
+const ORDERED_RETRIES = 50;
 
 /** Options of {@linkcode KvQueue}. */
 export interface KvQueueOptions {
@@ -70,6 +86,11 @@ export interface EnqueueOptions {
   keysIfUndelivered?: readonly Deno.KvKey[];
   /** A second enqueue with the same id is a no-op while the first is pending. */
   idempotencyKey?: string;
+  /**
+   * Messages with the same ordering key are delivered one at a time, in the
+   * order they were enqueued (retries included); others run in parallel.
+   */
+  orderingKey?: string;
 }
 
 /** A delivered message as handlers of the typed API see it. */
@@ -93,7 +114,10 @@ export interface DeadLetter {
   enqueuedAt: number;
 }
 
-/** Counts returned by {@linkcode KvQueue.stats}. */
+/**
+ * Counts returned by {@linkcode KvQueue.stats}. Messages waiting behind
+ * another of their ordering key count as delayed.
+ */
 export interface QueueStats {
   ready: number;
   delayed: number;
@@ -107,19 +131,60 @@ export type MessageHandler<T = unknown> = (
   message: QueueMessage<T>,
 ) => unknown | Promise<unknown>;
 
-interface MessageMeta {
-  type: string;
-  enqueuedAt: number;
-  maxAttempts: number;
-  backoffSchedule: number[];
-  keysIfUndelivered: Deno.KvKey[];
-  idempotencyKey?: string;
+/**
+ * What a message's `"r"` entry holds. It is rewritten by every claim and
+ * renewal and rides in batched commits, so names are short and defaults are
+ * left out.
+ */
+interface Envelope {
+  /** Message type. */
+  t: string;
+  /** Enqueue time (ms). */
+  at: number;
+  /** Deliveries started so far. */
+  n: number;
+  /** The worker holding the lease; absent when not leased. */
+  o?: string;
+  /** `maxAttempts`, when not the schedule's length + 1. */
+  max?: number;
+  /** `backoffSchedule`, when not Deno's default. */
+  b?: number[];
+  /** `keysIfUndelivered`. */
+  u?: Deno.KvKey[];
+  /** Idempotency key. */
+  ik?: string;
+  /** Ordering key. */
+  ok?: string;
+  /** Place in its ordering key's line. */
+  seq?: number;
 }
 
-interface Lease {
-  owner: string | null;
-  until: number;
-  attempts: number;
+/** The attempts a message gets. */
+function maxAttemptsOf(env: Envelope): number {
+  return env.max ?? (env.b ?? DEFAULT_BACKOFF_SCHEDULE).length + 1;
+}
+
+/** The `"oh"` entry of an ordering key: who is at the head and the last number given. */
+interface OrderLine {
+  head: string;
+  headSeq: number;
+  last: number;
+}
+
+/** An `"oq"` entry: a message waiting for its turn. */
+interface Waiting {
+  id: string;
+  due: number;
+  envelope: Envelope;
+}
+
+interface Prepared {
+  id: string;
+  envelope: Envelope;
+  value: unknown;
+  due: number;
+  /** Estimated size of its mutations in a commit. */
+  bytes: number;
 }
 
 function describe(value: unknown): string {
@@ -146,12 +211,23 @@ function checkKey(name: string, key: unknown): Deno.KvKey {
   return key as Deno.KvKey;
 }
 
+function checkName(name: string, value: unknown): string | undefined {
+  if (value === undefined) return undefined;
+  if (typeof value !== "string" || value.length === 0) {
+    throw new TypeError(`"${name}" must be a non-empty string: got ${describe(value)}`);
+  }
+  return value;
+}
+
 let idCounter = 0;
-/** Ids sort by creation time, so equal due times keep FIFO order. */
+/**
+ * Ids sort by creation time, so equal due times keep FIFO order; they are
+ * short because every key of a message carries one.
+ */
 function newId(): string {
   idCounter = (idCounter + 1) % 1679616;
   return Date.now().toString(36).padStart(9, "0") + idCounter.toString(36).padStart(4, "0") +
-    crypto.randomUUID().replaceAll("-", "").slice(0, 12);
+    crypto.randomUUID().slice(0, 8);
 }
 
 function errorText(err: unknown): string {
@@ -159,32 +235,120 @@ function errorText(err: unknown): string {
   return describe(err);
 }
 
+function chunks<T>(items: readonly T[], size: number): T[][] {
+  const out: T[][] = [];
+  for (let i = 0; i < items.length; i += size) out.push(items.slice(i, i + size));
+  return out;
+}
+
+/** Splits `items` into runs whose `bytes` (plus `fixed` per run) fit the request budget. */
+function pack<T>(
+  items: readonly T[],
+  bytes: (item: T) => number,
+  fixed: number,
+  max: number,
+): T[][] {
+  const out: T[][] = [];
+  let run: T[] = [];
+  let size = fixed;
+  for (const item of items) {
+    const b = bytes(item);
+    if (run.length > 0 && (size + b > REQUEST_BUDGET_BYTES || run.length >= max)) {
+      out.push(run);
+      run = [];
+      size = fixed;
+    }
+    run.push(item);
+    size += b;
+  }
+  if (run.length > 0) out.push(run);
+  return out;
+}
+
+/** Bytes of a string in UTF-8 (keys) or V8's one- or two-byte form (values), rounded up. */
+function textBytes(s: string): number {
+  // deno-lint-ignore no-control-regex
+  return /^[\x00-\x7f]*$/.test(s) ? s.length : s.length * 3;
+}
+
+/** An upper estimate of a key's size in denokv's key encoding. */
+function keyBytes(key: Deno.KvKey): number {
+  let n = 0;
+  for (const part of key) {
+    if (typeof part === "string") n += textBytes(part) + 2;
+    else if (part instanceof Uint8Array) n += part.byteLength * 2 + 2;
+    else n += 10;
+  }
+  return n;
+}
+
+/**
+ * An estimate of a value's size in V8's serialization, which KV uses (tags,
+ * varint lengths, small integers as varints); it stops counting past `cap`.
+ */
+function valueBytes(value: unknown, cap = REQUEST_BUDGET_BYTES): number {
+  let n = 2;
+  const stack: unknown[] = [value];
+  while (stack.length > 0 && n <= cap) {
+    const v = stack.pop();
+    if (v === null || typeof v !== "object") {
+      if (typeof v === "string") n += textBytes(v) + 3;
+      else if (typeof v === "number") n += Number.isInteger(v) && Math.abs(v) < 2 ** 30 ? 3 : 9;
+      else if (typeof v === "bigint") n += 4 + 8 * Math.ceil(v.toString(16).length / 16);
+      else n += 1;
+    } else if (ArrayBuffer.isView(v) || v instanceof ArrayBuffer) n += v.byteLength + 12;
+    else if (v instanceof Date || v instanceof Deno.KvU64) n += 9;
+    else if (v instanceof Map) {
+      n += 6;
+      for (const [k, x] of v) stack.push(k, x);
+    } else if (v instanceof Set) {
+      n += 6;
+      for (const x of v) stack.push(x);
+    } else if (Array.isArray(v)) {
+      n += 6;
+      for (const x of v) stack.push(x);
+    } else {
+      n += 4;
+      for (const [k, x] of Object.entries(v)) {
+        n += textBytes(k) + 2;
+        stack.push(x);
+      }
+    }
+  }
+  return n;
+}
+
+/** `-n` as the KvU64 addend `sum` needs (it wraps around). */
+function minus(n: number): bigint {
+  return U64_MOD - BigInt(n);
+}
+
 /** Builds every key the queue uses; one place, one layout. */
 class Keys {
   constructor(readonly prefix: Deno.KvKey) {}
-  message(id: string): Deno.KvKey {
-    return [...this.prefix, "m", id];
-  }
-  value(id: string): Deno.KvKey {
-    return [...this.prefix, "v", id];
-  }
   schedule(due: number, id: string): Deno.KvKey {
     return [...this.prefix, "r", due, id];
   }
   scheduleRoot(): Deno.KvKey {
     return [...this.prefix, "r"];
   }
-  scheduleUntil(due: number): Deno.KvKey {
-    return [...this.prefix, "r", due + 1];
-  }
-  lease(id: string): Deno.KvKey {
-    return [...this.prefix, "l", id];
-  }
-  leaseRoot(): Deno.KvKey {
-    return [...this.prefix, "l"];
+  value(id: string): Deno.KvKey {
+    return [...this.prefix, "v", id];
   }
   idempotency(key: string): Deno.KvKey {
     return [...this.prefix, "i", key];
+  }
+  orderLine(key: string): Deno.KvKey {
+    return [...this.prefix, "oh", key];
+  }
+  waiting(key: string, seq: number): Deno.KvKey {
+    return [...this.prefix, "oq", key, seq];
+  }
+  waitingIn(key: string): Deno.KvKey {
+    return [...this.prefix, "oq", key];
+  }
+  waitingRoot(): Deno.KvKey {
+    return [...this.prefix, "oq"];
   }
   dead(id: string): Deno.KvKey {
     return [...this.prefix, "d", id];
@@ -203,11 +367,14 @@ class Keys {
   }
 }
 
-interface Prepared {
-  id: string;
-  meta: MessageMeta;
-  value: unknown;
-  due: number;
+/** The id at the end of a `"r"` key. */
+function idOf(key: Deno.KvKey): string {
+  return key[key.length - 1] as string;
+}
+
+/** The due time in a `"r"` key. */
+function dueOf(key: Deno.KvKey): number {
+  return key[key.length - 2] as number;
 }
 
 /**
@@ -240,6 +407,11 @@ export class KvQueue {
   #countReadAt = 0;
   #countSinceRead = 0;
   #countValue = 0;
+  #countRead: Promise<void> | null = null;
+  #pending: { msg: Prepared; done: PromiseWithResolvers<Deno.KvCommitResult> }[] = [];
+  #flushScheduled = false;
+  /** What the signal and counter mutations add to a commit. */
+  readonly #signalBytes: number;
 
   constructor(kv: Deno.Kv, options: KvQueueOptions = {}) {
     this.kv = kv;
@@ -251,6 +423,12 @@ export class KvQueue {
       Number.MAX_SAFE_INTEGER,
     );
     this.keys = new Keys(this.prefix);
+    this.#signalBytes = keyBytes(this.keys.signal()) + keyBytes(this.keys.count()) + 70;
+  }
+
+  /** @internal What the signal and counter mutations add to a commit. */
+  get signalBytes(): number {
+    return this.#signalBytes;
   }
 
   /** Registers the handler for messages of `type` (one per type). */
@@ -276,20 +454,19 @@ export class KvQueue {
       throw new TypeError(`"type" must be a string: got ${describe(type)}`);
     }
     const delayMs = checkInteger("delayMs", options.delayMs ?? 0, 0, MAX_DELAY_MS);
-    const schedule = options.backoffSchedule ?? DEFAULT_BACKOFF_SCHEDULE;
-    if (!Array.isArray(schedule)) {
-      throw new TypeError(`"backoffSchedule" must be an array: got ${describe(schedule)}`);
+    const schedule = options.backoffSchedule;
+    if (schedule !== undefined) {
+      if (!Array.isArray(schedule)) {
+        throw new TypeError(`"backoffSchedule" must be an array: got ${describe(schedule)}`);
+      }
+      if (schedule.length > 100) {
+        throw new RangeError(`"backoffSchedule" must have <= 100 entries: got ${schedule.length}`);
+      }
+      schedule.forEach((ms, i) => checkInteger(`backoffSchedule[${i}]`, ms, 0, MAX_DELAY_MS));
     }
-    if (schedule.length > 100) {
-      throw new RangeError(`"backoffSchedule" must have <= 100 entries: got ${schedule.length}`);
-    }
-    schedule.forEach((ms, i) => checkInteger(`backoffSchedule[${i}]`, ms, 0, MAX_DELAY_MS));
-    const maxAttempts = checkInteger(
-      "maxAttempts",
-      options.maxAttempts ?? schedule.length + 1,
-      1,
-      1000,
-    );
+    const maxAttempts = options.maxAttempts === undefined
+      ? undefined
+      : checkInteger("maxAttempts", options.maxAttempts, 1, 1000);
     const keys = options.keysIfUndelivered ?? [];
     if (!Array.isArray(keys)) {
       throw new TypeError(`"keysIfUndelivered" must be an array of keys: got ${describe(keys)}`);
@@ -300,49 +477,54 @@ export class KvQueue {
       );
     }
     keys.forEach((k, i) => checkKey(`keysIfUndelivered[${i}]`, k));
-    const idem = options.idempotencyKey;
-    if (idem !== undefined && (typeof idem !== "string" || idem.length === 0)) {
-      throw new TypeError(`"idempotencyKey" must be a non-empty string: got ${describe(idem)}`);
+    const idempotencyKey = checkName("idempotencyKey", options.idempotencyKey);
+    const orderingKey = checkName("orderingKey", options.orderingKey);
+    const envelope: Envelope = { t: type, at: now, n: 0 };
+    if (schedule !== undefined) envelope.b = [...schedule];
+    if (maxAttempts !== undefined && maxAttempts !== maxAttemptsOf(envelope)) {
+      envelope.max = maxAttempts;
     }
-    const meta: MessageMeta = {
-      type,
-      enqueuedAt: now,
-      maxAttempts,
-      backoffSchedule: [...schedule],
-      keysIfUndelivered: keys.map((k) => [...k]),
-    };
-    if (idem !== undefined) meta.idempotencyKey = idem;
-    return { id: newId(), meta, value, due: now + delayMs };
+    if (keys.length > 0) envelope.u = keys.map((k) => [...k]);
+    if (idempotencyKey !== undefined) envelope.ik = idempotencyKey;
+    if (orderingKey !== undefined) envelope.ok = orderingKey;
+    const id = newId();
+    const due = now + delayMs;
+    // Protobuf adds about 14 bytes per set and 16 per check.
+    const bytes = 2 * keyBytes(this.keys.schedule(due, id)) + valueBytes(envelope) +
+      valueBytes(value) + 28 +
+      (idempotencyKey === undefined ? 0 : 2 * textBytes(idempotencyKey) + 80);
+    return { id, envelope, value, due, bytes };
   }
 
-  /** @internal Adds the mutations of one enqueue to `op`. */
-  addTo(op: Deno.AtomicOperation, msg: Prepared): Deno.AtomicOperation {
+  /**
+   * @internal Adds the mutations of one enqueue without an ordering key to
+   * `op`; `signal` false leaves the signal and counter to the caller (one
+   * each per commit is enough).
+   */
+  addTo(op: Deno.AtomicOperation, msg: Prepared, signal = true): Deno.AtomicOperation {
     const k = this.keys;
-    op.set(k.message(msg.id), msg.meta)
-      .set(k.value(msg.id), msg.value)
-      .set(k.schedule(msg.due, msg.id), msg.id)
-      .set(k.signal(), msg.due)
-      .sum(k.count(), 1n);
-    if (msg.meta.idempotencyKey !== undefined) {
-      op.check({ key: k.idempotency(msg.meta.idempotencyKey), versionstamp: null })
-        .set(k.idempotency(msg.meta.idempotencyKey), msg.id);
+    op.set(k.schedule(msg.due, msg.id), msg.envelope).set(k.value(msg.id), msg.value);
+    const idem = msg.envelope.ik;
+    if (idem !== undefined) {
+      op.check({ key: k.idempotency(idem), versionstamp: null }).set(k.idempotency(idem), msg.id);
     }
+    if (signal) op.set(k.signal(), msg.id).sum(k.count(), 1n);
     return op;
   }
 
-  async #checkBacklog(adding: number): Promise<void> {
-    // Reading the counter on every enqueue would double its cost; a short
-    // cache plus local increments keeps the limit close enough.
-    const now = Date.now();
+  /**
+   * @internal Throws a `RangeError` when `adding` more messages would pass
+   * the backlog limit. Reading the counter on every enqueue would double its
+   * cost; a short cache plus local increments keeps the limit close enough.
+   */
+  async checkBacklog(adding: number): Promise<void> {
     if (
-      now - this.#countReadAt > 200 ||
+      Date.now() - this.#countReadAt > 200 ||
       this.#countValue + this.#countSinceRead + adding > this.backlogLimit
     ) {
-      const entry = await this.kv.get<Deno.KvU64>(this.keys.count());
-      const raw = entry.value?.value ?? 0n;
-      this.#countValue = raw > BigInt(Number.MAX_SAFE_INTEGER) ? 0 : Number(raw);
-      this.#countReadAt = now;
-      this.#countSinceRead = 0;
+      // Enqueues started together share one read.
+      this.#countRead ??= this.#readCount().finally(() => this.#countRead = null);
+      await this.#countRead;
     }
     const pending = this.#countValue + this.#countSinceRead;
     if (pending + adding > this.backlogLimit) {
@@ -351,6 +533,15 @@ export class KvQueue {
       );
     }
     this.#countSinceRead += adding;
+  }
+
+  async #readCount(): Promise<void> {
+    const startedAt = Date.now();
+    const entry = await this.kv.get<Deno.KvU64>(this.keys.count());
+    const raw = entry.value?.value ?? 0n;
+    this.#countValue = raw > BigInt(Number.MAX_SAFE_INTEGER) ? 0 : Number(raw);
+    this.#countReadAt = startedAt;
+    this.#countSinceRead = 0;
   }
 
   /**
@@ -371,30 +562,30 @@ export class KvQueue {
    */
   async enqueue<T = unknown>(type: string, data: T, options: EnqueueOptions = {}): Promise<string> {
     const msg = this.prepare(type, data, options);
-    await this.#checkBacklog(1);
-    if (msg.meta.idempotencyKey === undefined) {
-      await this.#groupCommit(msg);
+    await this.checkBacklog(1);
+    const { ik: idempotencyKey, ok: orderingKey } = msg.envelope;
+    if (orderingKey !== undefined) return (await this.#enqueueOrdered(orderingKey, [msg]))[0];
+    if (idempotencyKey === undefined) {
+      await this.groupCommit(msg);
       return msg.id;
     }
     const res = await this.addTo(this.kv.atomic(), msg).commit();
     if (res.ok) return msg.id;
     this.#countSinceRead--;
-    const existing = await this.kv.get<string>(this.keys.idempotency(msg.meta.idempotencyKey!));
+    const existing = await this.kv.get<string>(this.keys.idempotency(idempotencyKey));
     if (existing.value !== null) return existing.value;
-    // The pending message finished between our commit and the read: retry once.
+    // The pending message finished between our commit and the read: try again.
     return await this.enqueue(type, data, options);
   }
 
-  #pending: { msg: Prepared; done: PromiseWithResolvers<void> }[] = [];
-  #flushScheduled = false;
-
   /**
-   * Enqueues made in the same turn of the event loop share one commit
-   * ({@linkcode ENQUEUE_BATCH} at most): one KV write instead of one each.
-   * They carry no checks, so the group can only fail as a whole.
+   * @internal Enqueues made in the same turn of the event loop share one
+   * commit ({@linkcode ENQUEUE_BATCH} at most). They carry no checks, so a
+   * group can only fail as a whole; one the client refuses as too large is
+   * retried one message per commit, so only the offending message fails.
    */
-  #groupCommit(msg: Prepared): Promise<void> {
-    const done = Promise.withResolvers<void>();
+  groupCommit(msg: Prepared): Promise<Deno.KvCommitResult> {
+    const done = Promise.withResolvers<Deno.KvCommitResult>();
     this.#pending.push({ msg, done });
     if (!this.#flushScheduled) {
       this.#flushScheduled = true;
@@ -402,73 +593,184 @@ export class KvQueue {
         this.#flushScheduled = false;
         const pending = this.#pending;
         this.#pending = [];
-        for (let i = 0; i < pending.length; i += ENQUEUE_BATCH) {
-          const group = pending.slice(i, i + ENQUEUE_BATCH);
-          const op = this.kv.atomic();
-          for (const { msg } of group) this.addTo(op, msg);
-          op.commit().then(
-            (res) => {
-              const err = new Error("enqueue: atomic commit failed");
-              for (const { done } of group) res.ok ? done.resolve() : done.reject(err);
-            },
-            (err) => {
-              for (const { done } of group) done.reject(err);
-            },
-          );
+        for (const group of pack(pending, (p) => p.msg.bytes, this.#signalBytes, ENQUEUE_BATCH)) {
+          this.#commitGroup(group);
         }
       }, 0);
     }
     return done.promise;
   }
 
+  async #commitGroup(
+    group: { msg: Prepared; done: PromiseWithResolvers<Deno.KvCommitResult> }[],
+  ): Promise<void> {
+    const op = this.kv.atomic();
+    for (const { msg } of group) this.addTo(op, msg, false);
+    op.set(this.keys.signal(), group[0].msg.id).sum(this.keys.count(), BigInt(group.length));
+    try {
+      const res = await op.commit();
+      for (const { done } of group) done.resolve(res as Deno.KvCommitResult);
+    } catch (err) {
+      // The client checks sizes before sending: a TypeError means nothing was written.
+      if (group.length > 1 && err instanceof TypeError) {
+        for (const one of group) this.#commitGroup([one]);
+      } else {
+        for (const { done } of group) done.reject(err);
+      }
+    }
+  }
+
   /**
-   * Enqueues many messages of `type`, {@linkcode ENQUEUE_BATCH} per atomic
-   * commit, and returns their ids in order.
+   * Appends messages to the line of `orderingKey`: the first of an empty line
+   * becomes its head and is scheduled; the others wait in `"oq"` until the
+   * message before them is finished. The line's `"oh"` entry is rewritten on
+   * every append, so a completion that read the line before fails its check.
+   */
+  async #enqueueOrdered(orderingKey: string, msgs: Prepared[]): Promise<string[]> {
+    const k = this.keys;
+    for (let attempt = 0; attempt < ORDERED_RETRIES; attempt++) {
+      const idem = msgs.length === 1 ? msgs[0].envelope.ik : undefined;
+      const line = await this.kv.get<OrderLine>(k.orderLine(orderingKey));
+      const op = this.kv.atomic().check(line);
+      let next: OrderLine | null = line.value;
+      let last = line.value?.last ?? 0;
+      for (const msg of msgs) {
+        const seq = ++last;
+        msg.envelope.seq = seq;
+        op.set(k.value(msg.id), msg.value)
+          .set(k.waiting(orderingKey, seq), { id: msg.id, due: msg.due, envelope: msg.envelope });
+        if (next === null) {
+          next = { head: msg.id, headSeq: seq, last: seq };
+          op.set(k.schedule(msg.due, msg.id), msg.envelope);
+        }
+      }
+      op.set(k.orderLine(orderingKey), { ...next!, last })
+        .set(k.signal(), msgs[0].id)
+        .sum(k.count(), BigInt(msgs.length));
+      if (idem !== undefined) {
+        op.check({ key: k.idempotency(idem), versionstamp: null })
+          .set(k.idempotency(idem), msgs[0].id);
+      }
+      if ((await op.commit()).ok) return msgs.map((m) => m.id);
+      if (idem !== undefined) {
+        const existing = await this.kv.get<string>(k.idempotency(idem));
+        if (existing.value !== null) {
+          this.#countSinceRead--;
+          return [existing.value];
+        }
+      }
+    }
+    throw new Error(
+      `enqueue: the line of ordering key ${JSON.stringify(orderingKey)} kept changing; ` +
+        `gave up after ${ORDERED_RETRIES} attempts`,
+    );
+  }
+
+  /**
+   * Enqueues many messages of `type`, up to {@linkcode ENQUEUE_BATCH} per atomic
+   * commit with a few commits in flight at once (one at a time with an
+   * `orderingKey`, to keep the order), and returns their ids in order. If a
+   * commit fails, the error is thrown once the others in flight have ended;
+   * batches that committed stay enqueued.
+   *
+   * @example
+   * ```ts
+   * import { KvQueue } from "./kv_queue.ts";
+   * const kv = await Deno.openKv(":memory:");
+   * const queue = new KvQueue(kv);
+   * const ids = await queue.enqueueMany("resize", ["a.png", "b.png", "c.png"]);
+   * if (ids.length !== 3) throw new Error("expected three ids");
+   * kv.close();
+   * ```
    */
   async enqueueMany<T = unknown>(
     type: string,
     items: readonly T[],
     options: Omit<EnqueueOptions, "idempotencyKey"> = {},
   ): Promise<string[]> {
-    const ids: string[] = [];
-    for (let i = 0; i < items.length; i += ENQUEUE_BATCH) {
-      const batch = items.slice(i, i + ENQUEUE_BATCH).map((d) => this.prepare(type, d, options));
-      await this.#checkBacklog(batch.length);
-      const op = this.kv.atomic();
-      for (const msg of batch) this.addTo(op, msg);
-      const res = await op.commit();
-      if (!res.ok) throw new Error("enqueueMany: atomic commit failed");
-      ids.push(...batch.map((m) => m.id));
+    if ((options as EnqueueOptions).idempotencyKey !== undefined) {
+      throw new TypeError(`"idempotencyKey" is not supported by enqueueMany: use enqueue`);
     }
-    return ids;
+    const prepared = items.map((d) => this.prepare(type, d, options));
+    const batches = pack(prepared, (m) => m.bytes, this.#signalBytes, ENQUEUE_BATCH);
+    const orderingKey = options.orderingKey;
+    const commit = async (batch: Prepared[]) => {
+      await this.checkBacklog(batch.length);
+      if (orderingKey !== undefined) return void await this.#enqueueOrdered(orderingKey, batch);
+      const op = this.kv.atomic();
+      for (const msg of batch) this.addTo(op, msg, false);
+      await op.set(this.keys.signal(), batch[0].id)
+        .sum(this.keys.count(), BigInt(batch.length))
+        .commit();
+    };
+    let next = 0;
+    let stop = false;
+    const lane = async () => {
+      try {
+        while (!stop && next < batches.length) await commit(batches[next++]);
+      } catch (err) {
+        stop = true;
+        throw err;
+      }
+    };
+    const lanes = orderingKey === undefined ? ENQUEUE_MANY_IN_FLIGHT : 1;
+    const results = await Promise.allSettled(Array.from({ length: lanes }, lane));
+    const failed = results.find((r) => r.status === "rejected");
+    if (failed) throw (failed as PromiseRejectedResult).reason;
+    return prepared.map((m) => m.id);
   }
 
-  /** Counts of ready, delayed, running (leased) and dead messages. */
+  /**
+   * Counts of ready, delayed, running (leased) and dead messages. It reads
+   * every pending message's small envelope (not its value), so it costs one
+   * list of the queue's size.
+   *
+   * @example
+   * ```ts
+   * import { KvQueue } from "./kv_queue.ts";
+   * const kv = await Deno.openKv(":memory:");
+   * const queue = new KvQueue(kv);
+   * await queue.enqueue("now", 1);
+   * await queue.enqueue("later", 2, { delayMs: 60_000 });
+   * const s = await queue.stats();
+   * if (s.ready !== 1 || s.delayed !== 1) throw new Error(JSON.stringify(s));
+   * kv.close();
+   * ```
+   */
   async stats(): Promise<QueueStats> {
     const now = Date.now();
-    let running = 0;
-    const runningIds = new Set<string>();
-    for await (const e of this.kv.list<Lease>({ prefix: this.keys.leaseRoot() })) {
-      if (e.value.owner !== null && e.value.until > now) {
-        running++;
-        runningIds.add(e.key[e.key.length - 1] as string);
-      }
-    }
     let ready = 0;
     let delayed = 0;
-    for await (const e of this.kv.list({ prefix: this.keys.scheduleRoot() })) {
-      const due = e.key[e.key.length - 2] as number;
-      const id = e.key[e.key.length - 1] as string;
-      if (runningIds.has(id)) continue;
-      if (due <= now) ready++;
+    let running = 0;
+    let heads = 0;
+    for await (const e of this.kv.list<Envelope>({ prefix: this.keys.scheduleRoot() })) {
+      const due = dueOf(e.key);
+      if (e.value.o !== undefined && due > now) running++;
+      else if (due <= now) ready++;
       else delayed++;
+      if (e.value.ok !== undefined) heads++;
     }
+    let inLines = 0;
+    for await (const _ of this.kv.list({ prefix: this.keys.waitingRoot() })) inLines++;
     let dead = 0;
     for await (const _ of this.kv.list({ prefix: this.keys.deadRoot() })) dead++;
-    return { ready, delayed, running, dead };
+    // Each line's head is also in "r"; the rest of a line waits for its turn.
+    return { ready, delayed: delayed + inLines - heads, running, dead };
   }
 
-  /** The dead-letter list, oldest first. */
+  /**
+   * The dead-letter list, oldest first.
+   *
+   * @example
+   * ```ts
+   * import { KvQueue } from "./kv_queue.ts";
+   * const kv = await Deno.openKv(":memory:");
+   * const queue = new KvQueue(kv);
+   * const letters = await queue.listDead({ limit: 10 });
+   * if (letters.length !== 0) throw new Error("a new queue has no dead letters");
+   * kv.close();
+   * ```
+   */
   async listDead(options: { limit?: number } = {}): Promise<DeadLetter[]> {
     const out: DeadLetter[] = [];
     const limit = options.limit === undefined
@@ -479,21 +781,33 @@ export class KvQueue {
         limit,
       })
     ) {
-      const id = e.key[e.key.length - 1] as string;
+      const id = idOf(e.key);
       const v = await this.kv.get(this.keys.deadValue(id));
       out.push({ ...e.value, id, value: v.value });
     }
     return out;
   }
 
-  /** Puts a dead letter back in the queue with fresh attempts; returns the new id, or null if gone. */
+  /**
+   * Puts a dead letter back in the queue with fresh attempts; returns the new
+   * id, or null if the letter is gone.
+   *
+   * @example
+   * ```ts
+   * import { KvQueue } from "./kv_queue.ts";
+   * const kv = await Deno.openKv(":memory:");
+   * const queue = new KvQueue(kv);
+   * if (await queue.requeueDead("no-such-id") !== null) throw new Error("expected null");
+   * kv.close();
+   * ```
+   */
   async requeueDead(id: string, options: EnqueueOptions = {}): Promise<string | null> {
     const [d, v] = await this.kv.getMany<[Omit<DeadLetter, "value" | "id">, unknown]>([
       this.keys.dead(id),
       this.keys.deadValue(id),
     ]);
     if (d.value === null) return null;
-    const msg = this.prepare(d.value.type, v.value, options);
+    const msg = this.prepare(d.value.type, v.value, { ...options, orderingKey: undefined });
     const op = this.addTo(this.kv.atomic(), msg)
       .check(d)
       .delete(this.keys.dead(id))
@@ -502,26 +816,33 @@ export class KvQueue {
     return res.ok ? msg.id : null;
   }
 
-  /** Deletes dead letters (all, or those in `ids`) and returns how many went. */
+  /**
+   * Deletes dead letters (all, or those in `ids`) and returns how many went.
+   *
+   * @example
+   * ```ts
+   * import { KvQueue } from "./kv_queue.ts";
+   * const kv = await Deno.openKv(":memory:");
+   * const queue = new KvQueue(kv);
+   * if (await queue.purgeDead() !== 0) throw new Error("nothing to purge");
+   * kv.close();
+   * ```
+   */
   async purgeDead(ids?: readonly string[]): Promise<number> {
     const targets: string[] = [];
     if (ids) targets.push(...ids);
     else {
       for await (const e of this.kv.list({ prefix: this.keys.deadRoot() })) {
-        targets.push(e.key[e.key.length - 1] as string);
+        targets.push(idOf(e.key));
       }
     }
-    let count = 0;
     // Two mutations per letter: stay far under the 1000-mutation limit.
-    for (let i = 0; i < targets.length; i += 200) {
+    for (const part of chunks(targets, 200)) {
       const op = this.kv.atomic();
-      for (const id of targets.slice(i, i + 200)) {
-        op.delete(this.keys.dead(id)).delete(this.keys.deadValue(id));
-      }
+      for (const id of part) op.delete(this.keys.dead(id)).delete(this.keys.deadValue(id));
       await op.commit();
-      count += targets.slice(i, i + 200).length;
     }
-    return count;
+    return targets.length;
   }
 }
 
@@ -539,21 +860,28 @@ export interface KvQueueRunnerOptions {
   dispatch?: (message: QueueMessage) => unknown | Promise<unknown>;
 }
 
-interface Candidate {
+/** A message this runner holds the lease of. */
+interface Held {
   id: string;
-  entry: Deno.KvEntry<string>;
-  leaseEntry: Deno.KvEntryMaybe<Lease>;
-  meta: MessageMeta;
+  envelope: Envelope;
   value: unknown;
-  lease: Lease;
+  /** Its `"r"` key now (moved by every renewal) and the versionstamp that proves the lease. */
+  key: Deno.KvKey;
+  stamp: string;
+  /** True while its handler runs. */
+  running: boolean;
+  /** Set when a renewal found the lease taken over, or stop() gave it back. */
+  lost: boolean;
 }
 
-interface Claimed {
-  id: string;
-  meta: MessageMeta;
-  value: unknown;
-  lease: Lease;
-  leaseStamp: string;
+/** Thrown in place of a handler for a message claimed after `stop()`. */
+class StopSignal extends Error {}
+
+/** Waits for `promise`, or `ms` at most. */
+async function within(promise: Promise<unknown> | null, ms: number): Promise<void> {
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  await Promise.race([promise, new Promise((r) => timer = setTimeout(r, ms))]);
+  clearTimeout(timer);
 }
 
 /**
@@ -561,7 +889,7 @@ interface Claimed {
  * versionstamp-checked leases, renews them while handlers run, retries
  * failures by the message's backoff schedule and dead-letters the rest.
  * Wakes on `kv.watch` of the queue's signal key, or when the next delayed
- * message or expired lease is due.
+ * message or lease expiry it saw is due.
  *
  * @example
  * ```ts
@@ -587,13 +915,19 @@ export class KvQueueRunner {
   readonly stopTimeoutMs: number;
   readonly #onError?: (error: unknown, message: QueueMessage) => void;
   readonly #dispatch?: (message: QueueMessage) => unknown | Promise<unknown>;
-  readonly #owner = crypto.randomUUID();
-  readonly #inFlight = new Map<string, { claimed: Claimed; done: Promise<void> }>();
+  /** Short: it is written into every leased envelope. */
+  readonly #owner = crypto.randomUUID().slice(0, 13);
+  /** Messages held, from claim until their final commit. */
+  readonly #held = new Map<string, { held: Held; done: Promise<void> }>();
+  /** Handlers running now; `concurrency` bounds this. */
+  #active = 0;
   #running: Promise<void> | null = null;
   #stopping = false;
   #wakePending = false;
   #wake: (() => void) | null = null;
   #watch: ReadableStreamDefaultReader<Deno.KvEntryMaybe<unknown>[]> | null = null;
+  #completions: { held: Held; done: PromiseWithResolvers<void> }[] = [];
+  #flushScheduled = false;
 
   constructor(kv: Deno.Kv, queue: KvQueue, options: KvQueueRunnerOptions = {}) {
     this.kv = kv;
@@ -612,7 +946,7 @@ export class KvQueueRunner {
 
   /** Number of handlers running now. */
   get inFlight(): number {
-    return this.#inFlight.size;
+    return this.#active;
   }
 
   /** Processes messages until {@linkcode stop} is called; resolves once stopped. */
@@ -626,33 +960,24 @@ export class KvQueueRunner {
   }
 
   /**
-   * Stops taking messages, waits up to `stopTimeoutMs` for running handlers,
-   * then releases the leases of those still running so other workers can
-   * take them at once.
+   * Stops taking messages, waits up to `stopTimeoutMs` for running handlers
+   * (and their final commits), then releases the leases of those still
+   * running so other workers can take them at once.
    */
   async stop(): Promise<void> {
     this.#stopping = true;
     this.#poke();
-    const running = this.#running;
-    const handlers = [...this.#inFlight.values()].map((f) => f.done);
-    let timer: ReturnType<typeof setTimeout> | undefined;
-    await Promise.race([
-      Promise.all(handlers),
-      new Promise((r) => timer = setTimeout(r, this.stopTimeoutMs)),
-    ]);
-    clearTimeout(timer);
-    for (const { claimed } of this.#inFlight.values()) {
-      await this.#release(claimed).catch(() => {});
-    }
-    this.#inFlight.clear();
     // The loop may sit in a KV call the client retries while the server is
-    // unreachable: it stops at its next step, stop() does not wait for that.
-    let loopTimer: ReturnType<typeof setTimeout> | undefined;
-    await Promise.race([
-      running,
-      new Promise((r) => loopTimer = setTimeout(r, Math.max(this.stopTimeoutMs, 1_000))),
-    ]);
-    clearTimeout(loopTimer);
+    // unreachable: give it a moment to end, but do not wait for that.
+    await within(this.#running, 1_000);
+    await within(Promise.all([...this.#held.values()].map((h) => h.done)), this.stopTimeoutMs);
+    for (const { held } of this.#held.values()) {
+      if (!held.running || held.lost) continue;
+      held.lost = true;
+      await this.#release(held).catch(() => {});
+    }
+    this.#held.clear();
+    await within(this.#running, Math.max(this.stopTimeoutMs, 1_000));
   }
 
   #poke(): void {
@@ -687,30 +1012,36 @@ export class KvQueueRunner {
     })();
   }
 
+  /** Free handler slots; completions still committing count half, so they cannot pile up. */
+  #free(): number {
+    return Math.min(this.concurrency - this.#active, 2 * this.concurrency - this.#held.size);
+  }
+
   async #loop(): Promise<void> {
     this.#startWatch();
     try {
       while (!this.#stopping) {
         this.#wakePending = false;
-        let nextDue = Infinity;
+        let nextDue: number;
         try {
-          nextDue = await this.#claimBatch();
+          nextDue = await this.#fill();
         } catch {
-          // The server may be briefly unreachable; retry after a pause.
+          // The server may be briefly unreachable; look again after a pause.
           nextDue = Date.now() + 1000;
         }
         if (this.#stopping) break;
         if (this.#wakePending) continue;
         const wait = nextDue - Date.now();
-        if (wait <= 0 && this.#inFlight.size < this.concurrency) continue;
+        const full = this.#free() <= 0;
+        if (wait <= 0 && !full) continue;
         await new Promise<void>((resolve) => {
           let timer: ReturnType<typeof setTimeout> | undefined;
           this.#wake = () => {
             clearTimeout(timer);
             resolve();
           };
-          if (Number.isFinite(wait) && this.#inFlight.size < this.concurrency) {
-            // Timers above 2^31 ms overflow; a long wait is re-armed anyway.
+          // When full, a finishing handler pokes; timers above 2^31 ms overflow.
+          if (Number.isFinite(wait) && !full) {
             timer = setTimeout(() => this.#poke(), Math.min(Math.max(wait, 0) + 1, 2 ** 30));
           }
         });
@@ -724,197 +1055,197 @@ export class KvQueueRunner {
     }
   }
 
-  /** Claims what it can; returns the time the next not-yet-due entry is due. */
-  async #claimBatch(): Promise<number> {
-    const k = this.queue.keys;
-    let skipped = false;
-    while (!this.#stopping && this.#inFlight.size < this.concurrency) {
+  /**
+   * Claims due messages until the slots are full or none is due, and returns
+   * when the earliest entry it saw but could not take yet is due. One list
+   * answers both: entries are ordered by due time.
+   */
+  async #fill(): Promise<number> {
+    const root = this.queue.keys.scheduleRoot();
+    while (!this.#stopping) {
+      const free = this.#free();
+      if (free <= 0) return Infinity;
       const now = Date.now();
-      const free = this.concurrency - this.#inFlight.size;
-      const entries: Deno.KvEntry<string>[] = [];
+      const due: Deno.KvEntry<Envelope>[] = [];
+      let nextDue = Infinity;
+      let listed = 0;
+      let ownExpired = false;
       for await (
-        const e of this.kv.list<string>(
-          { prefix: k.scheduleRoot(), end: k.scheduleUntil(now) },
-          { limit: free },
-        )
-      ) entries.push(e);
-      // Claims run in parallel: one round trip each would cap a worker at
-      // roughly 1 / (2 × RTT) messages per second.
-      const outcomes = await this.#claimAll(entries, now);
-      if (outcomes.includes("skip")) skipped = true;
-      // A lost race moves the entry away, so listing again finds new work.
-      if (!outcomes.some((o) => o !== "skip")) break;
+        const e of this.kv.list<Envelope>({ prefix: root }, { limit: free, batchSize: free })
+      ) {
+        listed++;
+        const at = dueOf(e.key);
+        if (at > now) {
+          nextDue = at;
+          break;
+        }
+        // Our own lease ran out while we still hold it (renewals failing):
+        // leave it, the renewal may still win.
+        if (this.#held.has(idOf(e.key))) ownExpired = true;
+        else due.push(e);
+      }
+      const lost = due.length > 0 && !await this.#claim(due, now);
+      if (this.#stopping) break;
+      // A lost race means another worker moved entries: look again at once.
+      if (lost) continue;
+      if (ownExpired) return Math.min(nextDue, Date.now() + 250);
+      if (listed === free && nextDue === Infinity) continue;
+      return nextDue;
     }
-    const now = Date.now();
-    // An entry due but leased by a worker whose clock runs ahead: look again soon.
-    if (skipped) return now + 100;
-    // The earliest entry not claimable now tells when to look again.
-    for await (
-      const e of this.kv.list({ prefix: k.scheduleRoot(), start: k.scheduleUntil(now) }, {
-        limit: 1,
-      })
-    ) return e.key[e.key.length - 2] as number;
     return Infinity;
   }
 
-  async #claimAll(
-    entries: Deno.KvEntry<string>[],
-    now: number,
-  ): Promise<("claimed" | "conflict" | "skip")[]> {
-    const reads = await Promise.all(entries.map((e) => this.#readCandidate(e, now)));
-    type Outcome = "claimed" | "conflict" | "skip";
-    const outcomes = reads.map((r): Outcome => typeof r === "string" ? r : "conflict");
-    const candidates = reads.flatMap((r, i) => typeof r === "string" ? [] : [{ ...r, index: i }]);
-    // One claim per commit: grouping five per commit (10 checks) saved writes
-    // but measured 2-3x slower through the proxy, and one lost race failed
-    // the whole group.
-    await Promise.all(candidates.map(async (c) => {
-      outcomes[c.index] = await this.#commitClaims([c]) ? "claimed" : "conflict";
-    }));
-    return outcomes;
+  /** Estimated bytes of one claim: check, delete and a set of the moved envelope. */
+  #claimBytes(e: Deno.KvEntry<Envelope>): number {
+    return 3 * keyBytes(e.key) + valueBytes(e.value) + this.#owner.length + 50;
   }
 
-  async #readCandidate(
-    entry: Deno.KvEntry<string>,
-    now: number,
-  ): Promise<"conflict" | "skip" | Candidate> {
-    const k = this.queue.keys;
-    const id = entry.key[entry.key.length - 1] as string;
-    if (this.#inFlight.has(id)) return "skip";
-    const [m, v, l] = await this.kv.getMany<[MessageMeta, unknown, Lease]>([
-      k.message(id),
-      k.value(id),
-      k.lease(id),
-    ]);
-    if (m.value === null) {
-      // Orphaned index entry (its message finished): remove it.
-      await this.kv.atomic().check(entry).check(m).delete(entry.key).commit();
-      return "conflict";
-    }
-    if (l.value && l.value.owner !== null && l.value.until > now) return "skip";
-    const lease: Lease = {
-      owner: this.#owner,
-      until: now + this.leaseMs,
-      attempts: (l.value?.attempts ?? 0) + 1,
-    };
-    return { id, entry, leaseEntry: l, meta: m.value, value: v.value, lease };
+  /** Claims `entries` in commits of up to ten; false if any of them was lost to another worker. */
+  async #claim(entries: Deno.KvEntry<Envelope>[], now: number): Promise<boolean> {
+    const groups = pack(entries, (e) => this.#claimBytes(e), 0, CHECKS_PER_COMMIT);
+    const results = await Promise.all(groups.map((group) => this.#claimGroup(group, now)));
+    return !results.includes(false);
   }
 
-  async #commitClaims(group: Candidate[]): Promise<boolean> {
+  async #claimGroup(
+    group: Deno.KvEntry<Envelope>[],
+    now: number,
+    read?: Promise<Deno.KvEntryMaybe<unknown>[]>,
+  ): Promise<boolean> {
     const k = this.queue.keys;
+    const until = now + this.leaseMs;
     const op = this.kv.atomic();
-    for (const c of group) {
-      // Both checks are needed: the lease alone could have been deleted and
-      // re-created (ABA) by a claim and completion in between.
-      op.check(c.entry).check(c.leaseEntry)
-        .delete(c.entry.key)
-        .set(k.schedule(c.lease.until, c.id), c.id)
-        .set(k.lease(c.id), c.lease);
-    }
-    const res = await op.commit();
-    if (!res.ok) return false;
-    for (const c of group) {
-      const claimed: Claimed = {
-        id: c.id,
-        meta: c.meta,
-        value: c.value,
-        lease: c.lease,
-        leaseStamp: res.versionstamp,
+    const claimed = group.map((e) => {
+      const id = idOf(e.key);
+      const envelope: Envelope = {
+        ...e.value,
+        o: this.#owner,
+        n: e.value.n + 1,
       };
-      const done = this.#runHandler(claimed);
-      this.#inFlight.set(c.id, { claimed, done });
+      const key = k.schedule(until, id);
+      op.check(e).delete(e.key).set(key, envelope);
+      return { id, envelope, key };
+    });
+    // The value never changes while the message is pending: read it alongside
+    // the claim instead of after it.
+    read ??= this.kv.getMany(claimed.map((c) => k.value(c.id)));
+    const [res, values] = await Promise.all([op.commit(), read]);
+    if (!res.ok) {
+      if (group.length === 1) return false;
+      // Another worker took some of them: claim the rest one by one, or a
+      // worker taking one at a time from the head would starve this one.
+      const alone = await Promise.all(
+        group.map((e, i) => this.#claimGroup([e], now, Promise.resolve([values[i]]))),
+      );
+      return !alone.includes(false);
     }
+    claimed.forEach((c, i) => {
+      const held: Held = {
+        ...c,
+        value: values[i].value,
+        stamp: res.versionstamp,
+        running: true,
+        lost: false,
+      };
+      this.#active++;
+      this.#held.set(c.id, { held, done: this.#runHandler(held) });
+    });
     return true;
   }
 
-  async #runHandler(c: Claimed): Promise<void> {
+  async #runHandler(held: Held): Promise<void> {
     const message: QueueMessage = {
-      id: c.id,
-      type: c.meta.type,
-      data: c.value,
-      attempt: c.lease.attempts,
-      enqueuedAt: c.meta.enqueuedAt,
+      id: held.id,
+      type: held.envelope.t,
+      data: held.value,
+      attempt: held.envelope.n,
+      enqueuedAt: held.envelope.at,
     };
     // Renewals and the final commit are chained so they never race.
     let chain: Promise<unknown> = Promise.resolve();
-    let finished = false;
-    const renewEvery = Math.max(10, Math.floor(this.leaseMs / 3));
     const renewTimer = setInterval(() => {
-      chain = chain.then(() => finished ? undefined : this.#renew(c)).catch(() => {});
-    }, renewEvery);
+      chain = chain.then(() => this.#renew(held)).catch(() => {});
+    }, Math.max(10, Math.floor(this.leaseMs / 3)));
     let failure: unknown = null;
     let failed = false;
     try {
-      // Yield first so the claim loop keeps going while handlers start.
+      // Yield first so the claim loop keeps going while handlers start; a
+      // claim that landed after stop() gives the message straight back.
       await Promise.resolve();
+      if (this.#stopping) throw new StopSignal();
       if (this.#dispatch) await this.#dispatch(message);
       else {
-        const handler = this.queue.handlerFor(c.meta.type);
-        if (!handler) throw new Error(`no handler for message type ${JSON.stringify(c.meta.type)}`);
-        await handler(c.value, message);
+        const handler = this.queue.handlerFor(message.type);
+        if (!handler) {
+          throw new Error(`no handler for message type ${JSON.stringify(message.type)}`);
+        }
+        await handler(held.value, message);
       }
     } catch (err) {
       failed = true;
       failure = err;
     }
     clearInterval(renewTimer);
+    // The slot is free once the handler is done; the final commit runs
+    // beside the next claims.
+    held.running = false;
+    this.#active--;
+    this.#poke();
     await chain;
-    finished = true;
     try {
-      if (!this.#inFlight.has(c.id) && this.#stopping) return; // released by stop()
-      if (!failed) await this.#complete(c);
+      if (held.lost) return; // taken over, or released by stop()
+      if (failure instanceof StopSignal) await this.#release(held);
+      else if (!failed) await this.#complete(held);
       else {
         try {
           this.#onError?.(failure, message);
         } catch { /* a broken callback must not lose the message */ }
-        await this.#fail(c, failure);
+        await this.#fail(held, failure);
       }
     } catch {
       // Lost contact with the server: the lease expires and the message returns.
     } finally {
-      this.#inFlight.delete(c.id);
+      this.#held.delete(held.id);
       this.#poke();
     }
   }
 
-  async #renew(c: Claimed): Promise<void> {
-    const k = this.queue.keys;
-    const until = Date.now() + this.leaseMs;
-    const lease: Lease = { ...c.lease, until };
-    const res = await this.kv.atomic()
-      .check({ key: k.lease(c.id), versionstamp: c.leaseStamp })
-      .delete(k.schedule(c.lease.until, c.id))
-      .set(k.schedule(until, c.id), c.id)
-      .set(k.lease(c.id), lease)
-      .commit();
+  /** Moves the entry to a new expiry; a failed check means another worker took over. */
+  async #renew(held: Held): Promise<void> {
+    if (held.lost) return;
+    const key = this.queue.keys.schedule(Date.now() + this.leaseMs, held.id);
+    const res = await this.#fromHeld(held).set(key, held.envelope).commit();
     if (res.ok) {
-      c.lease = lease;
-      c.leaseStamp = res.versionstamp;
-    }
+      held.key = key;
+      held.stamp = res.versionstamp;
+    } else held.lost = true;
   }
 
-  #addFinish(op: Deno.AtomicOperation, c: Claimed): Deno.AtomicOperation {
-    const k = this.queue.keys;
-    op.check({ key: k.lease(c.id), versionstamp: c.leaseStamp })
-      .delete(k.schedule(c.lease.until, c.id))
-      .delete(k.lease(c.id))
-      .delete(k.message(c.id))
-      .delete(k.value(c.id));
-    if (c.meta.idempotencyKey !== undefined) op.delete(k.idempotency(c.meta.idempotencyKey));
+  /** An atomic operation that proves the lease and takes the entry off the index. */
+  #fromHeld(held: Held, op: Deno.AtomicOperation = this.kv.atomic()): Deno.AtomicOperation {
+    return op.check({ key: held.key, versionstamp: held.stamp }).delete(held.key);
+  }
+
+  /** Adds what finishing `held` deletes, the entry itself included. */
+  #addFinish(op: Deno.AtomicOperation, held: Held): Deno.AtomicOperation {
+    this.#fromHeld(held, op).delete(this.queue.keys.value(held.id));
+    const idem = held.envelope.ik;
+    if (idem !== undefined) op.delete(this.queue.keys.idempotency(idem));
     return op;
   }
 
-  #finishOp(c: Claimed): Deno.AtomicOperation {
-    return this.#addFinish(this.kv.atomic(), c).sum(this.queue.keys.count(), U64_MINUS_ONE);
+  /** Estimated bytes of one completion in a shared commit. */
+  #finishBytes(held: Held): number {
+    const idem = held.envelope.ik;
+    return 2 * keyBytes(held.key) + keyBytes(this.queue.keys.value(held.id)) + 36 +
+      (idem === undefined ? 0 : keyBytes(this.queue.keys.idempotency(idem)) + 10);
   }
 
-  #completions: { c: Claimed; done: PromiseWithResolvers<void> }[] = [];
-  #flushScheduled = false;
-
   /** Completions that finish together share one commit (fewer writes per message). */
-  #complete(c: Claimed): Promise<void> {
+  #complete(held: Held): Promise<void> {
+    if (held.envelope.ok !== undefined) return this.#finishOrdered(held, () => {});
     const done = Promise.withResolvers<void>();
-    this.#completions.push({ c, done });
+    this.#completions.push({ held, done });
     if (!this.#flushScheduled) {
       this.#flushScheduled = true;
       setTimeout(() => this.#flushCompletions(), 0);
@@ -926,23 +1257,23 @@ export class KvQueueRunner {
     this.#flushScheduled = false;
     const pending = this.#completions;
     this.#completions = [];
-    for (let i = 0; i < pending.length; i += COMPLETIONS_PER_COMMIT) {
-      const group = pending.slice(i, i + COMPLETIONS_PER_COMMIT);
+    const count = this.queue.keys.count();
+    const fixed = keyBytes(count) + 26;
+    for (const group of pack(pending, (p) => this.#finishBytes(p.held), fixed, CHECKS_PER_COMMIT)) {
       (async () => {
         try {
           if (group.length > 1) {
             const op = this.kv.atomic();
-            for (const { c } of group) this.#addFinish(op, c);
-            op.sum(this.queue.keys.count(), U64_MOD - BigInt(group.length));
-            if ((await op.commit()).ok) {
+            for (const { held } of group) this.#addFinish(op, held);
+            if ((await op.sum(count, minus(group.length)).commit()).ok) {
               for (const { done } of group) done.resolve();
               return;
             }
           }
           // A lost lease in the group: commit each alone so the others still finish.
-          await Promise.all(group.map(async ({ c, done }) => {
+          await Promise.all(group.map(async ({ held, done }) => {
             try {
-              await this.#finishOp(c).commit();
+              await this.#addFinish(this.kv.atomic(), held).sum(count, minus(1)).commit();
               done.resolve();
             } catch (err) {
               done.reject(err);
@@ -955,45 +1286,92 @@ export class KvQueueRunner {
     }
   }
 
-  async #fail(c: Claimed, error: unknown): Promise<void> {
+  /**
+   * Finishes the head of an ordering key's line and schedules the next
+   * message in it, or closes the line. A concurrent enqueue rewrites the
+   * line's entry, so the commit fails and is tried again with a fresh read.
+   */
+  async #finishOrdered(held: Held, extra: (op: Deno.AtomicOperation) => void): Promise<void> {
     const k = this.queue.keys;
-    const attempts = c.lease.attempts;
-    if (attempts < c.meta.maxAttempts) {
-      const schedule = c.meta.backoffSchedule;
+    const orderingKey = held.envelope.ok!;
+    const seq = held.envelope.seq!;
+    for (let attempt = 0; attempt < ORDERED_RETRIES; attempt++) {
+      // The line first, then the next in it: an append after the first read
+      // fails the check below. (In the other order an append between the
+      // reads would pass the check and be stranded.)
+      const line = await this.kv.get<OrderLine>(k.orderLine(orderingKey));
+      const after = await Array.fromAsync(this.kv.list<Waiting>({
+        prefix: k.waitingIn(orderingKey),
+        start: k.waiting(orderingKey, seq + 1),
+      }, { limit: 1 }));
+      const next = after[0] ?? null;
+      const op = this.#addFinish(this.kv.atomic(), held)
+        .check(line)
+        .delete(k.waiting(orderingKey, seq))
+        .sum(k.count(), minus(1));
+      extra(op);
+      if (next !== null) {
+        const w = next.value;
+        op.set(k.schedule(w.due, w.id), w.envelope)
+          .set(k.orderLine(orderingKey), {
+            head: w.id,
+            headSeq: w.envelope.seq!,
+            last: line.value?.last ?? w.envelope.seq!,
+          })
+          .set(k.signal(), w.id);
+      } else {
+        op.delete(k.orderLine(orderingKey));
+      }
+      if ((await op.commit()).ok) return;
+      const mine = await this.kv.get(held.key);
+      if (mine.versionstamp !== held.stamp) return; // the lease was taken over
+    }
+    throw new Error(`completion: the line of ${JSON.stringify(orderingKey)} kept changing`);
+  }
+
+  async #fail(held: Held, error: unknown): Promise<void> {
+    const k = this.queue.keys;
+    const env = held.envelope;
+    const attempts = env.n;
+    if (attempts < maxAttemptsOf(env)) {
+      const schedule = env.b ?? DEFAULT_BACKOFF_SCHEDULE;
       const delay = schedule.length === 0
         ? 0
         : schedule[Math.min(attempts - 1, schedule.length - 1)];
       const due = Date.now() + delay;
-      await this.kv.atomic()
-        .check({ key: k.lease(c.id), versionstamp: c.leaseStamp })
-        .delete(k.schedule(c.lease.until, c.id))
-        .set(k.schedule(due, c.id), c.id)
-        .set(k.lease(c.id), { owner: null, until: 0, attempts } satisfies Lease)
+      const { o: _, ...unleased } = env;
+      // The signal tells idle workers elsewhere that something is due earlier.
+      await this.#fromHeld(held)
+        .set(k.schedule(due, held.id), unleased)
+        .set(k.signal(), held.id)
         .commit();
       return;
     }
-    const op = this.#finishOp(c);
-    for (const key of c.meta.keysIfUndelivered) op.set(key, c.value);
     const dead: Omit<DeadLetter, "value" | "id"> = {
-      type: c.meta.type,
+      type: env.t,
       attempts,
       error: errorText(error).slice(0, 2000),
       failedAt: Date.now(),
-      enqueuedAt: c.meta.enqueuedAt,
+      enqueuedAt: env.at,
     };
-    await op.set(k.dead(c.id), dead).set(k.deadValue(c.id), c.value).commit();
+    const bury = (op: Deno.AtomicOperation) => {
+      for (const key of env.u ?? []) op.set(key, held.value);
+      op.set(k.dead(held.id), dead).set(k.deadValue(held.id), held.value);
+    };
+    if (env.ok !== undefined) return await this.#finishOrdered(held, bury);
+    const op = this.#addFinish(this.kv.atomic(), held).sum(k.count(), minus(1));
+    bury(op);
+    await op.commit();
   }
 
-  async #release(c: Claimed): Promise<void> {
+  /** Gives the message back at once: it was not completed, so the delivery does not count. */
+  async #release(held: Held): Promise<void> {
     const k = this.queue.keys;
     const now = Date.now();
-    // Giving back the delivery: it was not completed, so it does not count.
-    await this.kv.atomic()
-      .check({ key: k.lease(c.id), versionstamp: c.leaseStamp })
-      .delete(k.schedule(c.lease.until, c.id))
-      .set(k.schedule(now, c.id), c.id)
-      .set(k.lease(c.id), { owner: null, until: 0, attempts: c.lease.attempts - 1 } satisfies Lease)
-      .set(k.signal(), now)
+    const { o: _, ...unleased } = held.envelope;
+    await this.#fromHeld(held)
+      .set(k.schedule(now, held.id), { ...unleased, n: unleased.n - 1 })
+      .set(k.signal(), held.id)
       .commit();
   }
 }
@@ -1042,20 +1420,25 @@ function denoOptions(options: DenoEnqueueOptions | undefined): EnqueueOptions {
 export function withQueues(kv: Deno.Kv, options: WithQueuesOptions = {}): Deno.Kv {
   const queue = new KvQueue(kv, options);
   const runners = new Set<KvQueueRunner>();
-  const enqueueOn = (op: Deno.AtomicOperation, value: unknown, o?: DenoEnqueueOptions) =>
-    queue.addTo(op, queue.prepare(DENO_TYPE, value, denoOptions(o)));
   const patchAtomic = (op: Deno.AtomicOperation): Deno.AtomicOperation => {
+    let enqueued = 0;
     op.enqueue = (value: unknown, o?: DenoEnqueueOptions) => {
-      enqueueOn(op, value, o);
+      queue.addTo(op, queue.prepare(DENO_TYPE, value, denoOptions(o)));
+      enqueued++;
       return op;
+    };
+    const commit = op.commit.bind(op);
+    op.commit = async () => {
+      if (enqueued > 0) await queue.checkBacklog(enqueued);
+      return await commit();
     };
     return op;
   };
   const wrapped: Partial<Deno.Kv> = {
     enqueue: async (value: unknown, o?: DenoEnqueueOptions) => {
-      const op = kv.atomic();
-      enqueueOn(op, value, o);
-      return await op.commit() as Deno.KvCommitResult;
+      const msg = queue.prepare(DENO_TYPE, value, denoOptions(o));
+      await queue.checkBacklog(1);
+      return await queue.groupCommit(msg);
     },
     listenQueue: (handler: (value: unknown) => Promise<void> | void) => {
       const runner = new KvQueueRunner(kv, queue, {
