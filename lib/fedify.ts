@@ -16,7 +16,7 @@ export interface DurationLike {
 /** Fedify's `MessageQueueEnqueueOptions`. */
 export interface MessageQueueEnqueueOptions {
   readonly delay?: DurationLike;
-  /** Accepted, but not honoured: messages with one ordering key may run in parallel. */
+  /** Messages with the same ordering key are delivered one at a time, in enqueue order. */
   readonly orderingKey?: string;
 }
 
@@ -93,7 +93,11 @@ export class KvMessageQueue {
   }
 
   #enqueueOptions(options: MessageQueueEnqueueOptions | undefined): EnqueueOptions {
-    return { delayMs: delayMs(options), backoffSchedule: this.#options.backoffSchedule };
+    return {
+      delayMs: delayMs(options),
+      backoffSchedule: this.#options.backoffSchedule,
+      orderingKey: options?.orderingKey,
+    };
   }
 
   /** Enqueues one message. */

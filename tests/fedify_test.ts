@@ -11,27 +11,32 @@ import { openRemoteKv, startStack } from "./_helpers/processes.ts";
 
 const opts = { sanitizeOps: false, sanitizeResources: false };
 
-Deno.test("KvMessageQueue passes Fedify's testMessageQueue over KV Connect", opts, async () => {
-  await using stack = await startStack();
-  const kvs: Deno.Kv[] = [];
-  const prefix = ["fedify-test", crypto.randomUUID()];
-  try {
-    await testMessageQueue(
-      async () => {
-        const kv = await openRemoteKv(stack.proxy.url);
-        kvs.push(kv);
-        // Typed as Fedify's interface: this line fails type checking if the shapes drift.
-        const mq: MessageQueue = new KvMessageQueue(kv, { prefix });
-        return mq;
-      },
-      ({ controller }) => {
-        controller.abort();
-      },
-    );
-  } finally {
-    for (const kv of kvs) kv.close();
-  }
-});
+Deno.test(
+  "KvMessageQueue passes Fedify's testMessageQueue, ordering keys included, over KV Connect",
+  opts,
+  async () => {
+    await using stack = await startStack();
+    const kvs: Deno.Kv[] = [];
+    const prefix = ["fedify-test", crypto.randomUUID()];
+    try {
+      await testMessageQueue(
+        async () => {
+          const kv = await openRemoteKv(stack.proxy.url);
+          kvs.push(kv);
+          // Typed as Fedify's interface: this line fails type checking if the shapes drift.
+          const mq: MessageQueue = new KvMessageQueue(kv, { prefix });
+          return mq;
+        },
+        ({ controller }) => {
+          controller.abort();
+        },
+        { testOrderingKey: true },
+      );
+    } finally {
+      for (const kv of kvs) kv.close();
+    }
+  },
+);
 
 Deno.test("KvMessageQueue.getDepth() counts queued, ready and delayed messages", async () => {
   const kv = await Deno.openKv(":memory:");
