@@ -1,6 +1,7 @@
 /**
  * The public HTTP face of the server: a Hono app that forwards KV Connect to
- * denokv as streams, serves the queue library from `lib/` for `import` by URL,
+ * denokv (reads and writes over the lean client of `upstream.ts`, the watch
+ * as a stream), serves the queue library from `lib/` for `import` by URL,
  * and reports health. It holds no KV logic of its own; `main.ts` reads the
  * environment and serves it.
  */
@@ -11,6 +12,7 @@ import { etag } from "hono/etag";
 import { HTTPException } from "hono/http-exception";
 import { serveStatic } from "hono/serve-static";
 import { isAbsolute, join, sep } from "node:path";
+import { connectionTokens, HOP_BY_HOP, Upstream } from "./upstream.ts";
 
 /** A KV Connect atomic write is at most 800 KiB (denokv's limits.rs); leave room for framing. */
 export const DEFAULT_MAX_BODY_BYTES = 1024 * 1024;
@@ -19,18 +21,8 @@ export const DEFAULT_UPSTREAM_TIMEOUT_MS = 10_000;
 /** How long `/healthz` waits for denokv. */
 export const DEFAULT_HEALTH_TIMEOUT_MS = 2_000;
 
-/** Headers that describe one hop only (RFC 9110 section 7.6.1) and must not be forwarded. */
-const HOP_BY_HOP = [
-  "connection",
-  "keep-alive",
-  "proxy-authenticate",
-  "proxy-authorization",
-  "proxy-connection",
-  "te",
-  "trailer",
-  "transfer-encoding",
-  "upgrade",
-];
+/** KV answers never allow every origin: a browser page must not read a database. */
+const CORS = "access-control-allow-origin";
 
 /** Options for {@linkcode createApp}. */
 export interface ProxyOptions {
@@ -42,13 +34,13 @@ export interface ProxyOptions {
   accessToken: string;
   /** Request bodies larger than this get 413. */
   maxBodyBytes?: number;
-  /** Time allowed for denokv's response headers. */
+  /** Time allowed for denokv's answer to a read or write, and for the watch's response headers. */
   upstreamTimeoutMs?: number;
   /** Time allowed for the `/healthz` probe. */
   healthTimeoutMs?: number;
   /** Receives one access-log line per request; default: none. */
   log?: (line: string) => void;
-  /** The fetch used to reach denokv (tests and benchmarks swap it). */
+  /** The fetch used for the watch stream and `/healthz` (tests swap it). */
   fetch?: typeof fetch;
   /** Extra routes mounted by other parts of the product (e.g. `/status`). */
   extend?: (app: Hono) => void;
@@ -109,16 +101,22 @@ export function createApp(options: ProxyOptions): Hono {
 
   app.notFound((c) => c.text("Not found.", 404));
 
-  const limit = bodyLimit({
-    maxSize: maxBodyBytes,
-    onError: (c) =>
-      c.text(
-        `Request body too large: the limit is ${maxBodyBytes} bytes (a KV Connect write is at most 800 KiB).`,
-        413,
-      ),
-  });
+  const tooLarge = (c: Context) =>
+    c.text(
+      `Request body too large: the limit is ${maxBodyBytes} bytes (a KV Connect write is at most 800 KiB).`,
+      413,
+    );
+  const limit = limitBody(
+    maxBodyBytes,
+    bodyLimit({ maxSize: maxBodyBytes, onError: tooLarge }),
+    tooLarge,
+  );
 
-  const forward = forwarder(upstreamOrigin, doFetch, upstreamTimeoutMs);
+  // The lean client speaks plain HTTP (denokv on loopback); https goes over fetch.
+  const lean = upstream.protocol === "http:"
+    ? new Upstream(upstream, { timeoutMs: upstreamTimeoutMs })
+    : null;
+  const forward = forwarder(upstreamOrigin, doFetch, upstreamTimeoutMs, lean);
   app.post("/", limit, forward);
   app.all("/v2/*", limit, forward);
 
@@ -154,6 +152,28 @@ export function createApp(options: ProxyOptions): Hono {
   return app;
 }
 
+/**
+ * Caps request bodies. A declared length is checked from the header alone:
+ * Hono's `bodyLimit` reads `request.body`, and in Deno that turns the body
+ * into a JavaScript stream, which made every forwarded request cost ~25 µs
+ * more CPU. Bodies without a length go through `bodyLimit`, which counts
+ * them as they stream.
+ */
+function limitBody(
+  maxBytes: number,
+  streaming: MiddlewareHandler,
+  tooLarge: (c: Context) => Response,
+): MiddlewareHandler {
+  return async (c, next) => {
+    const declared = c.req.header("content-length");
+    if (declared === undefined || c.req.header("transfer-encoding") !== undefined) {
+      return await streaming(c, next);
+    }
+    if (!/^\d+$/.test(declared) || Number(declared) > maxBytes) return tooLarge(c);
+    await next();
+  };
+}
+
 /** One line per request: method, path (never the query or headers), status, milliseconds. */
 function accessLog(log: (line: string) => void): MiddlewareHandler {
   return async (c, next) => {
@@ -165,25 +185,48 @@ function accessLog(log: (line: string) => void): MiddlewareHandler {
 }
 
 /**
- * Sends a KV Connect request to denokv and streams its answer back unbuffered,
- * so the long-lived `/v2/watch` stream passes through frame by frame.
+ * Sends a KV Connect request to denokv. Reads and writes (`snapshot_read`,
+ * `atomic_write`, the metadata exchange) go over the lean keep-alive client
+ * of `upstream.ts`; the long-lived `/v2/watch` answer goes over `fetch` and is
+ * streamed back unbuffered, frame by frame.
  */
 function forwarder(
   origin: string,
   doFetch: typeof fetch,
   timeoutMs: number,
+  upstream: Upstream | null,
 ): (c: Context) => Promise<Response> {
+  const unreachable = (c: Context, reason: string) =>
+    c.text(`denokv is unreachable, try again: ${reason}`, 503, { "retry-after": "1" });
   return async (c) => {
     const req = c.req.raw;
-    const url = new URL(req.url);
+    const path = c.req.path;
+    // The body is read whole (bodyLimit caps it): one write upstream costs far
+    // less than a stream, and the timers below start once it is here.
+    const body = new Uint8Array(await req.arrayBuffer());
+    if (upstream !== null && path !== "/v2/watch") {
+      // A read or write takes milliseconds and cannot be undone once sent,
+      // so a client going away is not passed on; the timeout bounds it.
+      try {
+        const res = await upstream.send({
+          method: req.method,
+          path: path + (req.url.includes("?") ? req.url.slice(req.url.indexOf("?")) : ""),
+          headers: req.headers,
+          body,
+          // A read may be sent again on a fresh connection; a write never is.
+          idempotent: path !== "/v2/atomic_write",
+        });
+        return new Response(res.body, {
+          status: res.status,
+          headers: res.headers.filter(([name]) => name !== CORS),
+        });
+      } catch (err) {
+        return unreachable(c, err instanceof Error ? err.message : String(err));
+      }
+    }
     const headers = withoutHopByHop(req.headers);
     headers.delete("host");
     headers.delete("content-length");
-    // Bodies with a known length (bodyLimit has capped it) are read whole: one
-    // write upstream with a content-length costs far less than a chunked
-    // stream. Bodies of unknown length stay streams.
-    const body = req.headers.has("content-length") ? await req.arrayBuffer() : req.body;
-
     // The timer covers the wait for response headers only; the client's own
     // abort reaches denokv through the same controller at any time.
     const controller = new AbortController();
@@ -195,7 +238,7 @@ function forwarder(
     );
     let res: Response;
     try {
-      res = await doFetch(origin + url.pathname + url.search, {
+      res = await doFetch(origin + path, {
         method: req.method,
         headers,
         body,
@@ -209,15 +252,13 @@ function forwarder(
         : err instanceof Error
         ? err.message
         : String(err);
-      return c.text(`denokv is unreachable, try again: ${reason}`, 503, {
-        "retry-after": "1",
-      });
+      return unreachable(c, reason);
     } finally {
       clearTimeout(timer);
     }
     if (res.body === null) req.signal.removeEventListener("abort", onAbort);
     const out = withoutHopByHop(res.headers);
-    out.delete("access-control-allow-origin");
+    out.delete(CORS);
     return new Response(res.body, { status: res.status, statusText: res.statusText, headers: out });
   };
 }
@@ -225,8 +266,9 @@ function forwarder(
 /** A copy of `headers` without hop-by-hop headers, including those `Connection` names. */
 function withoutHopByHop(headers: Headers): Headers {
   const out = new Headers(headers);
-  const named = headers.get("connection")?.split(",").map((s) => s.trim()) ?? [];
-  for (const name of [...named, ...HOP_BY_HOP]) if (name) out.delete(name);
+  for (const name of [...connectionTokens(headers.get("connection")), ...HOP_BY_HOP]) {
+    out.delete(name);
+  }
   return out;
 }
 
