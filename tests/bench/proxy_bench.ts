@@ -1,10 +1,26 @@
 /**
- * Proxy overhead benchmark: the same KV Connect workload straight to denokv
- * (the stand-in) and through the proxy in one run, with sets/s, gets/s,
- * p50/p99 latency at 1 and 50 requests in flight, and CPU time per request of
- * the proxy next to the server's (from /proc/<pid>/stat). Prints a table.
+ * Proxy overhead benchmark: the same KV Connect workload with the real Deno
+ * client straight to denokv (the stand-in), through our proxy, and through a
+ * plain Hono `proxy()` forwarder (tests/bench/plain_proxy.ts), all in one run.
+ * Prints sets/s and gets/s, p50/p99 latency at 1 and 50 requests in flight,
+ * and CPU time per request of each forwarder next to the server's (from
+ * /proc/<pid>/stat). Targets are interleaved, one request at a time at 1 in
+ * flight and in alternating rounds at 50, so drift on a shared machine hits
+ * them alike.
+ *
+ * Run: `deno task bench proxy` (`--rounds 5 --per-round 2000 --single 2000`).
  */
-import { openRemoteKv, startStack } from "../_helpers/processes.ts";
+import { join } from "node:path";
+import { parseArgs } from "node:util";
+import {
+  DENO,
+  freePort,
+  openRemoteKv,
+  ROOT,
+  Running,
+  startStack,
+  waitFor,
+} from "../_helpers/processes.ts";
 
 const CLOCK_TICK_MS = 10; // USER_HZ is 100 on Linux
 
@@ -18,107 +34,192 @@ function quantile(sorted: number[], q: number): number {
   return sorted[Math.min(sorted.length - 1, Math.floor(q * sorted.length))];
 }
 
-interface Row {
-  target: string;
-  op: string;
-  inFlight: number;
-  opsPerSec: number;
-  p50: number;
-  p99: number;
-  proxyCpuUs: number;
-  serverCpuUs: number;
+type Op = "set" | "get";
+
+interface Target {
+  name: string;
+  kv: Deno.Kv;
+  /** The forwarder's pid, if any. */
+  pid?: number;
 }
 
-async function run(
-  kv: Deno.Kv,
-  op: "set" | "get",
-  inFlight: number,
-  total: number,
-  pids: { proxy: number; server: number },
-): Promise<Omit<Row, "target">> {
-  const latencies: number[] = [];
-  let next = 0;
-  const value = { payload: "x".repeat(100) };
-  const one = async () => {
-    while (next < total) {
-      const i = next++;
-      const key = ["bench", i % 1000];
-      const t = performance.now();
-      if (op === "set") await kv.set(key, value);
-      else await kv.get(key);
-      latencies.push(performance.now() - t);
-    }
-  };
-  const cpu0 = { proxy: cpuMs(pids.proxy), server: cpuMs(pids.server) };
+interface Tally {
+  latencies: number[];
+  ops: number;
+  seconds: number;
+  forwarderCpuMs: number;
+  serverCpuMs: number;
+}
+
+const value = { payload: "x".repeat(100) };
+
+function once(kv: Deno.Kv, op: Op, i: number): Promise<unknown> {
+  const key = ["bench", i % 1000];
+  return op === "set" ? kv.set(key, value) : kv.get(key);
+}
+
+async function measure(
+  t: Target,
+  serverPid: number,
+  tally: Tally,
+  run: () => Promise<void>,
+): Promise<void> {
+  const f0 = t.pid ? cpuMs(t.pid) : 0;
+  const s0 = cpuMs(serverPid);
   const start = performance.now();
-  await Promise.all(Array.from({ length: inFlight }, one));
-  const seconds = (performance.now() - start) / 1000;
-  const cpu1 = { proxy: cpuMs(pids.proxy), server: cpuMs(pids.server) };
-  latencies.sort((a, b) => a - b);
-  return {
-    op,
-    inFlight,
-    opsPerSec: total / seconds,
-    p50: quantile(latencies, 0.5),
-    p99: quantile(latencies, 0.99),
-    proxyCpuUs: ((cpu1.proxy - cpu0.proxy) * 1000) / total,
-    serverCpuUs: ((cpu1.server - cpu0.server) * 1000) / total,
-  };
+  await run();
+  tally.seconds += (performance.now() - start) / 1000;
+  tally.forwarderCpuMs += t.pid ? cpuMs(t.pid) - f0 : 0;
+  tally.serverCpuMs += cpuMs(serverPid) - s0;
+}
+
+/** One request at a time, the targets taking turns request by request. */
+async function single(targets: Target[], serverPid: number, op: Op, n: number) {
+  const tallies = targets.map((): Tally => ({
+    latencies: [],
+    ops: 0,
+    seconds: 0,
+    forwarderCpuMs: 0,
+    serverCpuMs: 0,
+  }));
+  for (let i = 0; i < n; i++) {
+    for (const [j, t] of targets.entries()) {
+      await measure(t, serverPid, tallies[j], async () => {
+        const t0 = performance.now();
+        await once(t.kv, op, i);
+        tallies[j].latencies.push(performance.now() - t0);
+        tallies[j].ops++;
+      });
+    }
+  }
+  return tallies;
+}
+
+/** `inFlight` requests at once, in rounds that alternate between targets. */
+async function loaded(
+  targets: Target[],
+  serverPid: number,
+  op: Op,
+  inFlight: number,
+  rounds: number,
+  perRound: number,
+) {
+  const tallies = targets.map((): Tally => ({
+    latencies: [],
+    ops: 0,
+    seconds: 0,
+    forwarderCpuMs: 0,
+    serverCpuMs: 0,
+  }));
+  for (let r = 0; r < rounds; r++) {
+    for (const [j, t] of targets.entries()) {
+      let next = 0;
+      const worker = async () => {
+        while (next < perRound) {
+          const i = next++;
+          const t0 = performance.now();
+          await once(t.kv, op, i);
+          tallies[j].latencies.push(performance.now() - t0);
+        }
+      };
+      await measure(t, serverPid, tallies[j], async () => {
+        await Promise.all(Array.from({ length: inFlight }, worker));
+      });
+      tallies[j].ops += perRound;
+    }
+  }
+  return tallies;
+}
+
+async function startPlainProxy(denokvUrl: string): Promise<Running> {
+  const port = freePort();
+  const child = new Deno.Command(DENO, {
+    args: ["run", "--allow-net", "--allow-env", join(ROOT, "tests/bench/plain_proxy.ts")],
+    cwd: ROOT,
+    env: { PORT: String(port), DENOKV_URL: denokvUrl },
+    stdout: "piped",
+    stderr: "piped",
+  }).spawn();
+  const running = new Running("plain proxy", child, port);
+  await waitFor("the plain proxy to listen", async () => {
+    const res = await fetch(running.url, { method: "POST", body: "{}" }).catch(() => null);
+    await res?.body?.cancel();
+    return res !== null;
+  });
+  return running;
 }
 
 /** Runs the benchmark and returns the table as Markdown. */
-export async function proxyBench(): Promise<string> {
+export async function proxyBench(
+  options: { rounds: number; perRound: number; single: number },
+): Promise<string> {
   await using stack = await startStack({ proxyEnv: { ACCESS_LOG: "on" } });
-  const pids = { proxy: stack.proxy.child.pid, server: stack.denokv.child.pid };
-  const direct = await openRemoteKv(stack.denokv.url);
-  const proxied = await openRemoteKv(stack.proxy.url);
-  const rows: Row[] = [];
-  try {
-    // Warm both paths (connections, JIT) before measuring.
-    await run(direct, "set", 10, 500, pids);
-    await run(proxied, "set", 10, 500, pids);
-    for (
-      const [op, inFlight, total] of [
-        ["set", 1, 1000],
-        ["get", 1, 1000],
-        ["set", 50, 5000],
-        ["get", 50, 5000],
-      ] as const
-    ) {
-      // Alternate targets so drift on a shared machine hits both alike.
-      rows.push({ target: "direct", ...(await run(direct, op, inFlight, total, pids)) });
-      rows.push({ target: "proxy", ...(await run(proxied, op, inFlight, total, pids)) });
-    }
-  } finally {
-    direct.close();
-    proxied.close();
-  }
+  await using plain = await startPlainProxy(stack.denokv.url);
+  const serverPid = stack.denokv.child.pid;
+  const targets: Target[] = [
+    { name: "direct", kv: await openRemoteKv(stack.denokv.url) },
+    { name: "our proxy", kv: await openRemoteKv(stack.proxy.url), pid: stack.proxy.child.pid },
+    { name: "Hono proxy()", kv: await openRemoteKv(plain.url), pid: plain.child.pid },
+  ];
   const lines = [
-    "| op | in flight | target | ops/s | p50 ms | p99 ms | proxy CPU µs/req | server CPU µs/req |",
+    "| op | in flight | target | ops/s | p50 ms | p99 ms | forwarder CPU µs/req | server CPU µs/req |",
     "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |",
   ];
-  for (const r of rows) {
-    lines.push(
-      `| ${r.op} | ${r.inFlight} | ${r.target} | ${r.opsPerSec.toFixed(0)} | ${
-        r.p50.toFixed(3)
-      } | ${r.p99.toFixed(3)} | ${r.target === "proxy" ? r.proxyCpuUs.toFixed(0) : "-"} | ${
-        r.serverCpuUs.toFixed(0)
-      } |`,
-    );
+  const notes: string[] = [];
+  try {
+    // Warm every path (connections, JIT) before measuring.
+    await loaded(targets, serverPid, "set", 10, 1, 1000);
+    for (const [op, inFlight] of [["set", 1], ["get", 1], ["set", 50], ["get", 50]] as const) {
+      const tallies = inFlight === 1
+        ? await single(targets, serverPid, op, options.single)
+        : await loaded(targets, serverPid, op, inFlight, options.rounds, options.perRound);
+      const rows = tallies.map((t, j) => {
+        const sorted = [...t.latencies].sort((a, b) => a - b);
+        return {
+          name: targets[j].name,
+          opsPerSec: t.ops / t.seconds,
+          p50: quantile(sorted, 0.5),
+          p99: quantile(sorted, 0.99),
+          forwarderUs: targets[j].pid ? (t.forwarderCpuMs * 1000) / t.ops : NaN,
+          serverUs: (t.serverCpuMs * 1000) / t.ops,
+        };
+      });
+      for (const r of rows) {
+        lines.push(
+          `| ${op} | ${inFlight} | ${r.name} | ${r.opsPerSec.toFixed(0)} | ${r.p50.toFixed(3)} | ${
+            r.p99.toFixed(3)
+          } | ${Number.isNaN(r.forwarderUs) ? "-" : r.forwarderUs.toFixed(0)} | ${
+            r.serverUs.toFixed(0)
+          } |`,
+        );
+      }
+      const [direct, ...forwarders] = rows;
+      for (const f of forwarders) {
+        notes.push(
+          `- ${op} @${inFlight}, ${f.name}: added p50 ${(f.p50 - direct.p50).toFixed(3)} ms, ` +
+            `throughput ${(f.opsPerSec / direct.opsPerSec).toFixed(2)}x direct`,
+        );
+      }
+    }
+  } finally {
+    for (const t of targets) t.kv.close();
   }
-  lines.push("");
-  for (let i = 0; i < rows.length; i += 2) {
-    const d = rows[i], p = rows[i + 1];
-    lines.push(
-      `- ${d.op} @${d.inFlight}: added p50 ${(p.p50 - d.p50).toFixed(3)} ms, throughput ${
-        (p.opsPerSec / d.opsPerSec).toFixed(2)
-      }x direct`,
-    );
-  }
-  return lines.join("\n");
+  return [...lines, "", ...notes].join("\n");
 }
 
 if (import.meta.main) {
-  console.log("## Proxy overhead (direct to denokv stand-in vs through the proxy)\n");
-  console.log(await proxyBench());
+  const args = parseArgs({
+    options: {
+      rounds: { type: "string", default: "5" },
+      "per-round": { type: "string", default: "2000" },
+      single: { type: "string", default: "2000" },
+    },
+  });
+  const options = {
+    rounds: Number(args.values.rounds),
+    perRound: Number(args.values["per-round"]),
+    single: Number(args.values.single),
+  };
+  console.log("## Proxy overhead (direct to denokv stand-in, our proxy, Hono proxy())\n");
+  console.log(await proxyBench(options));
 }
