@@ -14,6 +14,7 @@ import {
   Running,
   type Stack,
   startStack,
+  startStandin,
   TEST_TOKEN,
   waitFor,
 } from "./_helpers/processes.ts";
@@ -882,6 +883,48 @@ Deno.test(
     }
   },
 );
+
+Deno.test("KvQueueRunner keeps working after denokv restarts under it", opts, async () => {
+  // The client retries 503s without end: a stand-in that never came back
+  // once hung a whole run here, so the test has a deadline of its own.
+  let deadline: ReturnType<typeof setTimeout> | undefined;
+  await Promise.race([
+    restartScenario(),
+    new Promise((_, reject) => {
+      deadline = setTimeout(() => reject(new Error("no progress within 60 s")), 60_000);
+    }),
+  ]).finally(() => clearTimeout(deadline));
+});
+
+async function restartScenario(): Promise<void> {
+  await using own = await startStack();
+  const kv = await openRemoteKv(own.proxy.url);
+  const queue = new KvQueue(kv, { prefix: ["restart"] });
+  const got: number[] = [];
+  queue.handle<number>("r", (n) => {
+    got.push(n);
+  });
+  const runner = new KvQueueRunner(kv, queue);
+  const running = runner.run();
+  try {
+    await queue.enqueue("r", 1);
+    await waitFor("the first message", () => got.length === 1);
+    const port = own.denokv.port;
+    await own.denokv.stop("SIGKILL");
+    await sleep(500);
+    await using again = await startStandin({ sqlitePath: join(own.dir, "denokv.sqlite"), port });
+    await queue.enqueue("r", 2);
+    await waitFor("the message sent after the restart", () => got.length === 2, {
+      timeoutMs: 20_000,
+    });
+    assert.deepEqual(got, [1, 2]);
+    assert.equal(again.port, port);
+  } finally {
+    await runner.stop();
+    await running;
+    kv.close();
+  }
+}
 
 Deno.test("teardown: stop the shared stack", opts, async () => {
   // deno-lint-ignore no-explicit-any
