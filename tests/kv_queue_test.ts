@@ -6,7 +6,13 @@
  */
 import assert from "node:assert/strict";
 import { join } from "node:path";
-import { DEFAULT_BACKOFF_SCHEDULE, KvQueue, KvQueueRunner, withQueues } from "../lib/kv_queue.ts";
+import {
+  DEFAULT_BACKOFF_SCHEDULE,
+  KvQueue,
+  KvQueueRunner,
+  MAX_VALUE_BYTES,
+  withQueues,
+} from "../lib/kv_queue.ts";
 import {
   DENO,
   openRemoteKv,
@@ -539,6 +545,34 @@ queueTest(
     await runner.stop();
     await running;
     assert.ok(ms < 3_000, `picked up after ${ms} ms`);
+  },
+);
+
+queueTest(
+  "KvQueue: a 64 KiB value is delivered whole; a larger one fails alone with a clear error",
+  async (kv, prefix) => {
+    const queue = new KvQueue(kv, { prefix });
+    const got: Uint8Array[] = [];
+    queue.handle<Uint8Array>("blob", (data) => {
+      got.push(data);
+    });
+    const max = new Uint8Array(MAX_VALUE_BYTES).map((_, i) => i % 251);
+    // Enqueued together, so they would share commits: the oversized one must
+    // not take the others down with it.
+    const results = await Promise.allSettled([
+      queue.enqueue("blob", new Uint8Array([1, 2, 3])),
+      queue.enqueue("blob", new Uint8Array(MAX_VALUE_BYTES + 1)),
+      queue.enqueue("blob", max),
+    ]);
+    assert.equal(results[0].status, "fulfilled");
+    assert.equal(results[2].status, "fulfilled");
+    assert.equal(results[1].status, "rejected");
+    assert.match(String((results[1] as PromiseRejectedResult).reason), /too large/i);
+    await runUntil(new KvQueueRunner(kv, queue), "two blobs", () => got.length === 2);
+    const sizes = got.map((b) => b.length).sort((a, b) => a - b);
+    assert.deepEqual(sizes, [3, MAX_VALUE_BYTES]);
+    assert.deepEqual(got.find((b) => b.length === MAX_VALUE_BYTES), max);
+    await emptyQueue(queue);
   },
 );
 
