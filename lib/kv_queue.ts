@@ -9,7 +9,7 @@
  * | key                       | value                                            |
  * | ------------------------- | ------------------------------------------------ |
  * | `[...P, "r", due, id]`    | the message's envelope: type, options, attempts, and the owner while leased |
- * | `[...P, "v", id]`         | the message value itself (up to 64 KiB)          |
+ * | `[...P, "v", id]`         | the message value (up to 64 KiB), unless small enough to ride in the envelope |
  * | `[...P, "i", key]`        | idempotency key → message id, while pending      |
  * | `[...P, "oh", okey]`      | ordering key's line: head id and sequence numbers |
  * | `[...P, "oq", okey, seq]` | a message waiting in its ordering key's line     |
@@ -61,6 +61,12 @@ const CHECKS_PER_COMMIT = 10;
  */
 const REQUEST_BUDGET_BYTES = 960;
 const U64_MOD = 0x10000000000000000n;
+/**
+ * Values up to this many (estimated) bytes ride in the envelope: no `"v"`
+ * entry to write, read or delete, at the price of carrying them in every
+ * claim and renewal.
+ */
+const INLINE_VALUE_BYTES = 128;
 /** Commits `enqueueMany` keeps in flight at once. */
 const ENQUEUE_MANY_IN_FLIGHT = 4;
 /** Commit attempts before an enqueue or completion on a busy ordering key gives up. */
@@ -157,6 +163,10 @@ interface Envelope {
   ok?: string;
   /** Place in its ordering key's line. */
   seq?: number;
+  /** 1 when the value rides here in `v` (small values) instead of in a `"v"` entry. */
+  iv?: 1;
+  /** The value, when `iv`. */
+  v?: unknown;
 }
 
 /** The attempts a message gets. */
@@ -489,9 +499,14 @@ export class KvQueue {
     if (orderingKey !== undefined) envelope.ok = orderingKey;
     const id = newId();
     const due = now + delayMs;
+    const size = valueBytes(value, INLINE_VALUE_BYTES);
+    if (size <= INLINE_VALUE_BYTES) {
+      envelope.iv = 1;
+      envelope.v = value;
+    }
     // Protobuf adds about 14 bytes per set and 16 per check.
-    const bytes = 2 * keyBytes(this.keys.schedule(due, id)) + valueBytes(envelope) +
-      valueBytes(value) + 28 +
+    const bytes = keyBytes(this.keys.schedule(due, id)) + valueBytes(envelope) + 14 +
+      (envelope.iv ? 0 : keyBytes(this.keys.value(id)) + size + 14) +
       (idempotencyKey === undefined ? 0 : 2 * textBytes(idempotencyKey) + 80);
     return { id, envelope, value, due, bytes };
   }
@@ -503,7 +518,8 @@ export class KvQueue {
    */
   addTo(op: Deno.AtomicOperation, msg: Prepared, signal = true): Deno.AtomicOperation {
     const k = this.keys;
-    op.set(k.schedule(msg.due, msg.id), msg.envelope).set(k.value(msg.id), msg.value);
+    op.set(k.schedule(msg.due, msg.id), msg.envelope);
+    if (!msg.envelope.iv) op.set(k.value(msg.id), msg.value);
     const idem = msg.envelope.ik;
     if (idem !== undefined) {
       op.check({ key: k.idempotency(idem), versionstamp: null }).set(k.idempotency(idem), msg.id);
@@ -637,8 +653,8 @@ export class KvQueue {
       for (const msg of msgs) {
         const seq = ++last;
         msg.envelope.seq = seq;
-        op.set(k.value(msg.id), msg.value)
-          .set(k.waiting(orderingKey, seq), { id: msg.id, due: msg.due, envelope: msg.envelope });
+        if (!msg.envelope.iv) op.set(k.value(msg.id), msg.value);
+        op.set(k.waiting(orderingKey, seq), { id: msg.id, due: msg.due, envelope: msg.envelope });
         if (next === null) {
           next = { head: msg.id, headSeq: seq, last: seq };
           op.set(k.schedule(msg.due, msg.id), msg.envelope);
@@ -1110,7 +1126,7 @@ export class KvQueueRunner {
   async #claimGroup(
     group: Deno.KvEntry<Envelope>[],
     now: number,
-    read?: Promise<Deno.KvEntryMaybe<unknown>[]>,
+    read?: Promise<Map<string, unknown>>,
   ): Promise<boolean> {
     const k = this.queue.keys;
     const until = now + this.leaseMs;
@@ -1126,31 +1142,39 @@ export class KvQueueRunner {
       op.check(e).delete(e.key).set(key, envelope);
       return { id, envelope, key };
     });
-    // The value never changes while the message is pending: read it alongside
-    // the claim instead of after it.
-    read ??= this.kv.getMany(claimed.map((c) => k.value(c.id)));
+    // The value never changes while the message is pending: read the ones
+    // not in their envelope alongside the claim instead of after it.
+    read ??= this.#readValues(claimed.filter((c) => !c.envelope.iv).map((c) => c.id));
     const [res, values] = await Promise.all([op.commit(), read]);
     if (!res.ok) {
       if (group.length === 1) return false;
       // Another worker took some of them: claim the rest one by one, or a
       // worker taking one at a time from the head would starve this one.
       const alone = await Promise.all(
-        group.map((e, i) => this.#claimGroup([e], now, Promise.resolve([values[i]]))),
+        group.map((e) => this.#claimGroup([e], now, Promise.resolve(values))),
       );
       return !alone.includes(false);
     }
-    claimed.forEach((c, i) => {
+    for (const c of claimed) {
       const held: Held = {
         ...c,
-        value: values[i].value,
+        value: c.envelope.iv ? c.envelope.v : values.get(c.id),
         stamp: res.versionstamp,
         running: true,
         lost: false,
       };
       this.#active++;
       this.#held.set(c.id, { held, done: this.#runHandler(held) });
-    });
+    }
     return true;
+  }
+
+  async #readValues(ids: string[]): Promise<Map<string, unknown>> {
+    const out = new Map<string, unknown>();
+    if (ids.length === 0) return out;
+    const entries = await this.kv.getMany(ids.map((id) => this.queue.keys.value(id)));
+    entries.forEach((e, i) => out.set(ids[i], e.value));
+    return out;
   }
 
   async #runHandler(held: Held): Promise<void> {
@@ -1228,7 +1252,8 @@ export class KvQueueRunner {
 
   /** Adds what finishing `held` deletes, the entry itself included. */
   #addFinish(op: Deno.AtomicOperation, held: Held): Deno.AtomicOperation {
-    this.#fromHeld(held, op).delete(this.queue.keys.value(held.id));
+    this.#fromHeld(held, op);
+    if (!held.envelope.iv) op.delete(this.queue.keys.value(held.id));
     const idem = held.envelope.ik;
     if (idem !== undefined) op.delete(this.queue.keys.idempotency(idem));
     return op;
@@ -1237,7 +1262,8 @@ export class KvQueueRunner {
   /** Estimated bytes of one completion in a shared commit. */
   #finishBytes(held: Held): number {
     const idem = held.envelope.ik;
-    return 2 * keyBytes(held.key) + keyBytes(this.queue.keys.value(held.id)) + 36 +
+    return 2 * keyBytes(held.key) + 36 +
+      (held.envelope.iv ? 0 : keyBytes(this.queue.keys.value(held.id)) + 8) +
       (idem === undefined ? 0 : keyBytes(this.queue.keys.idempotency(idem)) + 10);
   }
 
