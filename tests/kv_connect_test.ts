@@ -74,6 +74,27 @@ Deno.test(
 );
 
 Deno.test(
+  "a client that drops its watch through the proxy ends the watch on denokv too",
+  opts,
+  async () => {
+    await using stack = await startStack({ standinEnv: { STANDIN_TRACE: "1" } });
+    const kv = await openRemoteKv(stack.proxy.url);
+    const reader = kv.watch([["dropped"]]).getReader();
+    await reader.read();
+    await waitFor("the watch to open upstream", () => /watch \d+ opened/.test(stack.denokv.output));
+    assert.doesNotMatch(stack.denokv.output, /watch \d+ closed/);
+    const t0 = performance.now();
+    await reader.cancel();
+    kv.close();
+    // Before denokv's next 5 s ping could have noticed it.
+    await waitFor("the watch to end upstream", () => /watch \d+ closed/.test(stack.denokv.output), {
+      timeoutMs: 4_000,
+    });
+    assert.ok(performance.now() - t0 < 4_000);
+  },
+);
+
+Deno.test(
   "wrong token: Deno.openKv fails with the 401 message and returns no data",
   opts,
   async () => {

@@ -880,7 +880,7 @@ Deno.test(
   async () => {
     // Deno's KV client sends a body over 1 KiB in two writes, and Nagle's
     // algorithm holds the second until the server's (delayed) ACK: ~40 ms.
-    await using s = await startStack({ standinEnv: { STANDIN_LOG_BODY_SIZES: "1" } });
+    await using s = await startStack({ standinEnv: { STANDIN_TRACE: "1" } });
     const kv = await openRemoteKv(s.proxy.url);
     try {
       const queue = new KvQueue(kv);

@@ -41,8 +41,8 @@ export interface StandinOptions {
   addr: { hostname: string; port: number };
   accessToken: string;
   readOnly: boolean;
-  /** Test-only, beside denokv's own options: log each request body's size (`STANDIN_LOG_BODY_SIZES=1`). */
-  logBodySizes: boolean;
+  /** Test-only, beside denokv's own options: log body sizes and watch ends (`STANDIN_TRACE=1`). */
+  trace: boolean;
 }
 
 /** Parses denokv's own command line; throws with a usage message on anything else. */
@@ -83,8 +83,8 @@ export function parseArgs(args: string[], env: Record<string, string | undefined
     throw new Error(`--addr must be host:port, got ${addr}`);
   }
   const hostname = addr.slice(0, colon).replace(/^\[|\]$/g, "");
-  const logBodySizes = env.STANDIN_LOG_BODY_SIZES === "1";
-  return { sqlitePath, accessToken, readOnly, logBodySizes, addr: { hostname, port } };
+  const trace = env.STANDIN_TRACE === "1";
+  return { sqlitePath, accessToken, readOnly, trace, addr: { hostname, port } };
 }
 
 /** An error answered the way denokv answers it: a status and a plain-text message. */
@@ -198,8 +198,8 @@ export function createHandler(
   napi: KvNapi,
   db: number,
   options: Pick<StandinOptions, "accessToken" | "readOnly"> & {
-    /** Receives the body size of each data-path request (tests of request sizes). */
-    onBody?: (op: string, bytes: number) => void;
+    /** Receives test-only trace lines: each data-path body's size, each watch's end. */
+    trace?: (line: string) => void;
   },
 ): (req: Request) => Promise<Response> {
   const token = options.accessToken;
@@ -234,6 +234,7 @@ export function createHandler(
 
   function watch(body: Uint8Array, signal: AbortSignal): Promise<Response> {
     return napi.startWatch(db, body, false).then((watchId) => {
+      options.trace?.(`watch ${watchId} opened`);
       let closed = false;
       let ping: ReturnType<typeof setInterval> | undefined;
       const close = () => {
@@ -241,6 +242,7 @@ export function createHandler(
         closed = true;
         clearInterval(ping);
         napi.endWatch(db, watchId, false);
+        options.trace?.(`watch ${watchId} closed`);
       };
       signal.addEventListener("abort", close, { once: true });
       const stream = new ReadableStream<Uint8Array>({
@@ -284,7 +286,7 @@ export function createHandler(
       }
       checkDataPath(req, token);
       const body = new Uint8Array(await req.arrayBuffer());
-      options.onBody?.(op, body.length);
+      options.trace?.(`body ${op} ${body.length}`);
       try {
         if (op === "snapshot_read") return protobuf(await napi.snapshotRead(db, body, false));
         if (op === "watch") return await watch(body, req.signal);
@@ -306,10 +308,10 @@ export function createHandler(
 export function serve(options: StandinOptions): Deno.HttpServer {
   const napi = loadNapi();
   const db = napi.open(options.sqlitePath, false, false);
-  const onBody = options.logBodySizes
-    ? (op: string, bytes: number) => console.error(`denokv stand-in: body ${op} ${bytes}`)
+  const trace = options.trace
+    ? (line: string) => console.error(`denokv stand-in: ${line}`)
     : undefined;
-  const handler = createHandler(napi, db, { ...options, onBody });
+  const handler = createHandler(napi, db, { ...options, trace });
   const server = Deno.serve({
     hostname: options.addr.hostname,
     port: options.addr.port,
