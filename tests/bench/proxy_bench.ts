@@ -53,6 +53,10 @@ interface Tally {
 
 const value = { payload: "x".repeat(100) };
 
+function emptyTally(): Tally {
+  return { latencies: [], ops: 0, seconds: 0, forwarderCpuMs: 0, serverCpuMs: 0 };
+}
+
 function once(kv: Deno.Kv, op: Op, i: number): Promise<unknown> {
   const key = ["bench", i % 1000];
   return op === "set" ? kv.set(key, value) : kv.get(key);
@@ -75,13 +79,7 @@ async function measure(
 
 /** One request at a time, the targets taking turns request by request. */
 async function single(targets: Target[], serverPid: number, op: Op, n: number) {
-  const tallies = targets.map((): Tally => ({
-    latencies: [],
-    ops: 0,
-    seconds: 0,
-    forwarderCpuMs: 0,
-    serverCpuMs: 0,
-  }));
+  const tallies = targets.map(emptyTally);
   for (let i = 0; i < n; i++) {
     for (const [j, t] of targets.entries()) {
       await measure(t, serverPid, tallies[j], async () => {
@@ -104,13 +102,7 @@ async function loaded(
   rounds: number,
   perRound: number,
 ) {
-  const tallies = targets.map((): Tally => ({
-    latencies: [],
-    ops: 0,
-    seconds: 0,
-    forwarderCpuMs: 0,
-    serverCpuMs: 0,
-  }));
+  const tallies = targets.map(emptyTally);
   for (let r = 0; r < rounds; r++) {
     for (const [j, t] of targets.entries()) {
       let next = 0;
