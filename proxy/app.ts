@@ -12,17 +12,33 @@ import { etag } from "hono/etag";
 import { HTTPException } from "hono/http-exception";
 import { serveStatic } from "hono/serve-static";
 import { isAbsolute, join, sep } from "node:path";
-import { connectionTokens, HOP_BY_HOP, Upstream } from "./upstream.ts";
+import {
+  connectionTokens,
+  HOP_BY_HOP,
+  UnsendableRequest,
+  Upstream,
+  UpstreamError,
+  type UpstreamResponse,
+} from "./upstream.ts";
 
 /** A KV Connect atomic write is at most 800 KiB (denokv's limits.rs); leave room for framing. */
 export const DEFAULT_MAX_BODY_BYTES = 1024 * 1024;
-/** How long to wait for denokv's response headers before answering 503. */
+/** How long a read (or the watch's response headers) may take before the proxy answers 503. */
 export const DEFAULT_UPSTREAM_TIMEOUT_MS = 10_000;
+/**
+ * How long a write may take before the proxy gives up. A write that was sent
+ * may still be applied, and the Deno client repeats anything answered 5xx,
+ * so this one is answered 408: the client reports an error instead of
+ * sending the write again.
+ */
+export const DEFAULT_UPSTREAM_WRITE_TIMEOUT_MS = 60_000;
 /** How long `/healthz` waits for denokv. */
 export const DEFAULT_HEALTH_TIMEOUT_MS = 2_000;
 
 /** KV answers never allow every origin: a browser page must not read a database. */
 const CORS = "access-control-allow-origin";
+/** Statuses whose responses carry no body (a `Response` with one throws). */
+const NULL_BODY = new Set([101, 103, 204, 205, 304]);
 
 /** Options for {@linkcode createApp}. */
 export interface ProxyOptions {
@@ -34,8 +50,10 @@ export interface ProxyOptions {
   accessToken: string;
   /** Request bodies larger than this get 413. */
   maxBodyBytes?: number;
-  /** Time allowed for denokv's answer to a read or write, and for the watch's response headers. */
+  /** Time allowed for denokv's answer to a read, and for the watch's response headers. */
   upstreamTimeoutMs?: number;
+  /** Time allowed for denokv's answer to a write (`/v2/atomic_write`). */
+  upstreamWriteTimeoutMs?: number;
   /** Time allowed for the `/healthz` probe. */
   healthTimeoutMs?: number;
   /** Receives one access-log line per request; default: none. */
@@ -81,6 +99,11 @@ export function createApp(options: ProxyOptions): Hono {
     options.upstreamTimeoutMs,
     DEFAULT_UPSTREAM_TIMEOUT_MS,
   );
+  const upstreamWriteTimeoutMs = positiveInteger(
+    "upstreamWriteTimeoutMs",
+    options.upstreamWriteTimeoutMs,
+    DEFAULT_UPSTREAM_WRITE_TIMEOUT_MS,
+  );
   const healthTimeoutMs = positiveInteger(
     "healthTimeoutMs",
     options.healthTimeoutMs,
@@ -116,9 +139,13 @@ export function createApp(options: ProxyOptions): Hono {
   const lean = upstream.protocol === "http:"
     ? new Upstream(upstream, { timeoutMs: upstreamTimeoutMs })
     : null;
-  const forward = forwarder(upstreamOrigin, doFetch, upstreamTimeoutMs, lean);
+  const forward = forwarder(upstreamOrigin, doFetch, {
+    readMs: upstreamTimeoutMs,
+    writeMs: upstreamWriteTimeoutMs,
+  }, lean);
+  // KV Connect is POST only; anything else on these paths is "not found".
   app.post("/", limit, forward);
-  app.all("/v2/*", limit, forward);
+  app.post("/v2/*", limit, forward);
 
   app.get("/healthz", async (c) => {
     const problem = await probe(upstreamOrigin, options.accessToken, doFetch, healthTimeoutMs);
@@ -193,36 +220,51 @@ function accessLog(log: (line: string) => void): MiddlewareHandler {
 function forwarder(
   origin: string,
   doFetch: typeof fetch,
-  timeoutMs: number,
+  timeouts: { readMs: number; writeMs: number },
   upstream: Upstream | null,
 ): (c: Context) => Promise<Response> {
   const unreachable = (c: Context, reason: string) =>
     c.text(`denokv is unreachable, try again: ${reason}`, 503, { "retry-after": "1" });
   return async (c) => {
     const req = c.req.raw;
+    // The target goes upstream as the client sent it, never percent-decoded
+    // (Hono's c.req.path is decoded: a %0D%0A in it would split the request).
+    const url = req.url;
+    const target = url.slice(url.indexOf("/", url.indexOf("//") + 2));
     const path = c.req.path;
     // The body is read whole (bodyLimit caps it): one write upstream costs far
     // less than a stream, and the timers below start once it is here.
     const body = new Uint8Array(await req.arrayBuffer());
     if (upstream !== null && path !== "/v2/watch") {
       // A read or write takes milliseconds and cannot be undone once sent,
-      // so a client going away is not passed on; the timeout bounds it.
+      // so a client going away is not passed on; the timeouts bound it.
+      const write = path === "/v2/atomic_write";
+      let res: UpstreamResponse;
       try {
-        const res = await upstream.send({
+        res = await upstream.send({
           method: req.method,
-          path: path + (req.url.includes("?") ? req.url.slice(req.url.indexOf("?")) : ""),
+          path: target,
           headers: req.headers,
           body,
+          timeoutMs: write ? timeouts.writeMs : timeouts.readMs,
           // A read may be sent again on a fresh connection; a write never is.
-          idempotent: path !== "/v2/atomic_write",
-        });
-        return new Response(res.body, {
-          status: res.status,
-          headers: res.headers.filter(([name]) => name !== CORS),
+          idempotent: target === "/" || target === "/v2/snapshot_read",
         });
       } catch (err) {
+        if (err instanceof UnsendableRequest) return c.text(`Bad request: ${err.message}`, 400);
+        if (write && err instanceof UpstreamError && err.sent && err.timedOut) {
+          return c.text(
+            `denokv did not answer this write within ${timeouts.writeMs} ms: ` +
+              `it may or may not have been applied; read before writing again.`,
+            408,
+          );
+        }
         return unreachable(c, err instanceof Error ? err.message : String(err));
       }
+      return new Response(NULL_BODY.has(res.status) ? null : res.body, {
+        status: res.status,
+        headers: res.headers.filter(([name]) => name !== CORS),
+      });
     }
     const headers = withoutHopByHop(req.headers);
     headers.delete("host");
@@ -233,12 +275,12 @@ function forwarder(
     const onAbort = () => controller.abort(req.signal.reason);
     req.signal.addEventListener("abort", onAbort, { once: true });
     const timer = setTimeout(
-      () => controller.abort(new Error(`no answer within ${timeoutMs} ms`)),
-      timeoutMs,
+      () => controller.abort(new Error(`no answer within ${timeouts.readMs} ms`)),
+      timeouts.readMs,
     );
     let res: Response;
     try {
-      res = await doFetch(origin + path, {
+      res = await doFetch(origin + target, {
         method: req.method,
         headers,
         body,

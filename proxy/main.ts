@@ -17,6 +17,19 @@ export interface ProxyConfig {
   dataDir: string;
   accessLog: boolean;
   upstreamTimeoutMs: number;
+  upstreamWriteTimeoutMs: number;
+}
+
+function positiveMs(
+  env: Record<string, string | undefined>,
+  name: string,
+  fallback: number,
+): number {
+  const value = Number(env[name] ?? fallback);
+  if (!Number.isInteger(value) || value <= 0) {
+    throw new Error(`${name} must be a positive integer: got ${env[name]}`);
+  }
+  return value;
 }
 
 /** Reads and validates the proxy's environment (see DESIGN.md's table). */
@@ -37,12 +50,8 @@ export function loadConfig(env: Record<string, string | undefined>): ProxyConfig
   } catch {
     throw new Error(`DENOKV_URL must be a URL: got ${denokvUrl}`);
   }
-  const upstreamTimeoutMs = Number(env.UPSTREAM_TIMEOUT_MS ?? "10000");
-  if (!Number.isInteger(upstreamTimeoutMs) || upstreamTimeoutMs <= 0) {
-    throw new Error(
-      `UPSTREAM_TIMEOUT_MS must be a positive integer: got ${env.UPSTREAM_TIMEOUT_MS}`,
-    );
-  }
+  const upstreamTimeoutMs = positiveMs(env, "UPSTREAM_TIMEOUT_MS", 10_000);
+  const upstreamWriteTimeoutMs = positiveMs(env, "UPSTREAM_WRITE_TIMEOUT_MS", 60_000);
   const libDir = env.LIB_DIR ?? fileURLToPath(new URL("../lib", import.meta.url));
   return {
     port,
@@ -53,6 +62,7 @@ export function loadConfig(env: Record<string, string | undefined>): ProxyConfig
     dataDir: env.DATA_DIR ?? "/data",
     accessLog: env.ACCESS_LOG !== "off",
     upstreamTimeoutMs,
+    upstreamWriteTimeoutMs,
   };
 }
 
@@ -95,6 +105,7 @@ export function serveProxy(config: ProxyConfig): Deno.HttpServer {
     libDir: config.libDir,
     accessToken: config.accessToken,
     upstreamTimeoutMs: config.upstreamTimeoutMs,
+    upstreamWriteTimeoutMs: config.upstreamWriteTimeoutMs,
     extend: statusRoutes({ dataDir: config.dataDir, accessToken: config.accessToken }),
     log: config.accessLog ? bufferedLog(Deno.stdout) : undefined,
   });

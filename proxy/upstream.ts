@@ -36,6 +36,8 @@ export interface UpstreamRequest {
   body: Uint8Array;
   /** Safe to send again when a reused connection turns out closed (reads). */
   idempotent?: boolean;
+  /** Time allowed for the whole answer (ms). Default: the client's `timeoutMs`. */
+  timeoutMs?: number;
 }
 
 /** An answer read whole. */
@@ -49,10 +51,28 @@ export interface UpstreamResponse {
 /** The upstream could not be reached, did not answer in time, or broke the protocol. */
 export class UpstreamError extends Error {
   override name = "UpstreamError";
+  /**
+   * True when the request was sent whole and no whole answer came: the
+   * server may or may not have acted on it.
+   */
+  readonly sent: boolean;
+  /** True when the time allowed ran out. */
+  readonly timedOut: boolean;
+  constructor(message: string, options: { sent?: boolean; timedOut?: boolean } = {}) {
+    super(message);
+    this.sent = options.sent ?? false;
+    this.timedOut = options.timedOut ?? false;
+  }
+}
+
+/** A request line that cannot be sent as it is (a method or path with spaces or controls). */
+export class UnsendableRequest extends TypeError {
+  override name = "UnsendableRequest";
 }
 
 /** Headers that describe one hop only (RFC 9110 section 7.6.1) and are never forwarded. */
 export const HOP_BY_HOP: ReadonlySet<string> = new Set([
+  "expect",
   "connection",
   "keep-alive",
   "proxy-authenticate",
@@ -70,7 +90,12 @@ export function connectionTokens(value: string | null | undefined): string[] {
 }
 
 const encoder = new TextEncoder();
-const decoder = new TextDecoder();
+/** Header bytes are Latin-1 by definition: no byte can fail to decode. */
+const decoder = new TextDecoder("latin1");
+/** A method is an HTTP token. */
+const METHOD = /^[!#$%&'*+.^_`|~0-9A-Za-z-]+$/;
+/** A request target is visible ASCII: no space, no control, nothing to split a request line with. */
+const TARGET = /^\/[\x21-\x7e]*$/;
 const CR = 13;
 const LF = 10;
 
@@ -84,6 +109,8 @@ class Connection {
   deadline = Infinity;
   timedOut = false;
   closed = false;
+  /** The server ended the stream. */
+  ended = false;
   #reading: Promise<number | null> | null = null;
 
   constructor(readonly conn: Deno.TcpConn) {}
@@ -94,7 +121,8 @@ class Connection {
     if (this.len === this.buf.length) this.reserve(this.buf.length * 2);
     const reading = this.conn.read(this.buf.subarray(this.len)).then((n) => {
       this.#reading = null;
-      if (n !== null) this.len += n;
+      if (n === null) this.ended = true;
+      else this.len += n;
       return n;
     }, (err) => {
       this.#reading = null;
@@ -188,6 +216,7 @@ export class Upstream {
   readonly #open = new Set<Connection>();
   readonly #busy = new Set<Connection>();
   #sweeper: ReturnType<typeof setInterval> | undefined;
+  #closed = false;
 
   constructor(origin: string | URL, options: UpstreamOptions = {}) {
     const url = new URL(origin);
@@ -209,34 +238,43 @@ export class Upstream {
     return this.#open.size;
   }
 
-  /** Sends `req` and reads the answer whole; throws {@linkcode UpstreamError} when it cannot. */
+  /**
+   * Sends `req` and reads the answer whole. Throws {@linkcode UnsendableRequest}
+   * (before sending anything) for a method or path that cannot go in a request
+   * line, and {@linkcode UpstreamError} when there is no whole answer.
+   */
   async send(req: UpstreamRequest): Promise<UpstreamResponse> {
     const head = this.#head(req);
     const bytes = new Uint8Array(head.length + req.body.length);
     bytes.set(head);
     bytes.set(req.body, head.length);
+    const timeoutMs = req.timeoutMs ?? this.timeoutMs;
     // A reused connection the server closed a moment ago fails before any
     // answer; a request that is safe to repeat gets one fresh connection.
     for (let attempt = 0;; attempt++) {
-      const reused = this.#take();
-      const c = reused ?? await this.#connect();
+      const reused = attempt === 0 ? this.#take() : null;
+      const c = reused ?? await this.#connect(timeoutMs);
       try {
-        return await this.#exchange(c, bytes);
+        return await this.#exchange(c, bytes, req.method, timeoutMs);
       } catch (err) {
         this.#discard(c);
-        const retry = reused !== null && attempt === 0 && err instanceof ClosedEarly &&
-          !c.timedOut && (req.idempotent || err.beforeWrite);
-        if (!retry) {
-          if (c.timedOut) throw new UpstreamError(`no answer within ${this.timeoutMs} ms`);
-          if (err instanceof UpstreamError) throw err;
-          throw new UpstreamError(err instanceof Error ? err.message : String(err));
+        const early = err instanceof ClosedEarly;
+        const retry = reused !== null && early && !c.timedOut &&
+          (req.idempotent || (err as ClosedEarly).beforeWrite);
+        if (retry) continue;
+        const sent = !(early && (err as ClosedEarly).beforeWrite);
+        if (c.timedOut) {
+          throw new UpstreamError(`no answer within ${timeoutMs} ms`, { sent, timedOut: true });
         }
+        if (err instanceof UpstreamError) throw new UpstreamError(err.message, { sent });
+        throw new UpstreamError(err instanceof Error ? err.message : String(err), { sent });
       }
     }
   }
 
-  /** Closes every connection. */
+  /** Closes every connection; calls still running fail. */
   close(): void {
+    this.#closed = true;
     for (const c of this.#open) c.close();
     this.#open.clear();
     this.#busy.clear();
@@ -246,6 +284,12 @@ export class Upstream {
   }
 
   #head(req: UpstreamRequest): Uint8Array {
+    if (!METHOD.test(req.method)) {
+      throw new UnsendableRequest(`not a method: ${JSON.stringify(req.method.slice(0, 40))}`);
+    }
+    if (!TARGET.test(req.path)) {
+      throw new UnsendableRequest(`not a request target: ${JSON.stringify(req.path.slice(0, 80))}`);
+    }
     const connection = req.headers.get("connection");
     const named = connection === null ? [] : connectionTokens(connection);
     let head = `${req.method} ${req.path} HTTP/1.1\r\nhost: ${this.#host}\r\n` +
@@ -263,18 +307,31 @@ export class Upstream {
     const now = Date.now();
     while (this.#idle.length > 0) {
       const c = this.#idle.pop()!;
-      if (!c.closed && now - c.idleSince <= this.#maxIdleMs) return c;
+      if (!c.closed && !c.ended && c.len === 0 && now - c.idleSince <= this.#maxIdleMs) return c;
       this.#discard(c);
     }
     return null;
   }
 
-  async #connect(): Promise<Connection> {
+  async #connect(timeoutMs: number): Promise<Connection> {
     let conn: Deno.TcpConn;
     try {
-      conn = await Deno.connect({ hostname: this.hostname, port: this.port });
+      // Connects are rare (connections are kept): a timer each is cheap here.
+      conn = await Deno.connect({
+        hostname: this.hostname,
+        port: this.port,
+        signal: AbortSignal.timeout(timeoutMs),
+      });
     } catch (err) {
-      throw new UpstreamError(err instanceof Error ? err.message : String(err));
+      const timedOut = err instanceof DOMException && err.name === "TimeoutError";
+      throw new UpstreamError(
+        timedOut
+          ? `no connection within ${timeoutMs} ms`
+          : err instanceof Error
+          ? err.message
+          : String(err),
+        { timedOut },
+      );
     }
     conn.setNoDelay(true);
     const c = new Connection(conn);
@@ -291,7 +348,7 @@ export class Upstream {
   /** Puts `c` back in the pool, with a read pending that notices the server closing it. */
   #release(c: Connection): void {
     this.#busy.delete(c);
-    if (c.closed || this.#idle.length >= this.#maxIdle) return this.#discard(c);
+    if (this.#closed || c.closed || this.#idle.length >= this.#maxIdle) return this.#discard(c);
     c.idleSince = Date.now();
     // A large answer grew the buffer; idle connections keep a small one.
     if (c.buf.length > 1024 * 1024) c.buf = new Uint8Array(16 * 1024);
@@ -312,8 +369,8 @@ export class Upstream {
    * visible share of the proxy's CPU. Answers are cut between `timeoutMs`
    * and `timeoutMs` + a quarter of it (at most 250 ms) late.
    */
-  #watchDeadline(c: Connection): void {
-    c.deadline = Date.now() + this.timeoutMs;
+  #watchDeadline(c: Connection, timeoutMs: number): void {
+    c.deadline = Date.now() + timeoutMs;
     this.#busy.add(c);
     if (this.#sweeper !== undefined) return;
     const sweeper = setInterval(() => {
@@ -332,14 +389,19 @@ export class Upstream {
     this.#sweeper = sweeper;
   }
 
-  async #exchange(c: Connection, bytes: Uint8Array): Promise<UpstreamResponse> {
-    this.#watchDeadline(c);
+  async #exchange(
+    c: Connection,
+    bytes: Uint8Array,
+    method: string,
+    timeoutMs: number,
+  ): Promise<UpstreamResponse> {
+    this.#watchDeadline(c, timeoutMs);
     try {
       await writeAll(c.conn, bytes);
     } catch (err) {
       throw new ClosedEarly(err, true);
     }
-    const { response, reusable } = await this.#readResponse(c);
+    const { response, reusable } = await this.#readResponse(c, method);
     if (reusable) this.#release(c);
     else this.#discard(c);
     return response;
@@ -347,6 +409,7 @@ export class Upstream {
 
   async #readResponse(
     c: Connection,
+    method: string,
   ): Promise<{ response: UpstreamResponse; reusable: boolean }> {
     let answered = false;
     const more = async () => {
@@ -373,13 +436,14 @@ export class Upstream {
         end = headEnd(c.buf, scanned - 3, c.len);
       }
       const lines = decoder.decode(c.buf.subarray(0, end)).split("\r\n");
-      const status = /^HTTP\/1\.[01] (\d{3})(?: .*)?$/.exec(lines[0]);
+      const status = /^HTTP\/1\.([01]) (\d{3})(?: .*)?$/.exec(lines[0]);
       if (!status) throw new UpstreamError(`malformed status line: ${lines[0].slice(0, 80)}`);
-      const code = Number(status[1]);
+      const http10 = status[1] === "0";
+      const code = Number(status[2]);
       const headers: [string, string][] = [];
       let length: number | undefined;
-      let chunked = false;
-      let named: string[] = [];
+      let encodings: string[] | undefined;
+      const named: string[] = [];
       for (let i = 1; i < lines.length; i++) {
         const colon = lines[i].indexOf(":");
         if (colon <= 0) throw new UpstreamError(`malformed header line: ${lines[i].slice(0, 80)}`);
@@ -391,9 +455,9 @@ export class Upstream {
           }
           length = Number(value);
         } else if (name === "transfer-encoding") {
-          chunked = connectionTokens(value).includes("chunked");
+          encodings = [...(encodings ?? []), ...connectionTokens(value)];
         } else if (name === "connection") {
-          named = connectionTokens(value);
+          named.push(...connectionTokens(value));
         } else if (!HOP_BY_HOP.has(name)) {
           headers.push([name, value]);
         }
@@ -402,10 +466,14 @@ export class Upstream {
       // 1xx answers come before the real one.
       if (code >= 100 && code < 200) continue;
       let body: Uint8Array<ArrayBuffer>;
-      let reusable = !named.includes("close");
-      if (code === 204 || code === 304) body = new Uint8Array(0);
+      // HTTP/1.0 closes unless it says otherwise; a message framed two ways
+      // (RFC 9112 section 6.3) is read by its transfer coding and not trusted after.
+      let reusable = http10 ? named.includes("keep-alive") : !named.includes("close");
+      if (encodings !== undefined && length !== undefined) reusable = false;
+      const chunked = encodings?.at(-1) === "chunked";
+      if (method === "HEAD" || code === 204 || code === 304) body = new Uint8Array(0);
       else if (chunked) body = await this.#readChunked(c, more);
-      else if (length !== undefined) {
+      else if (length !== undefined && encodings === undefined) {
         if (length > this.#maxBodyBytes) throw new UpstreamError("response body too large");
         c.reserve(length);
         while (c.len < length) await more();
@@ -467,6 +535,9 @@ export class Upstream {
       if (total > this.#maxBodyBytes) throw new UpstreamError("response body too large");
       c.reserve(size + 2);
       while (c.len < size + 2) await more();
+      if (c.buf[size] !== CR || c.buf[size + 1] !== LF) {
+        throw new UpstreamError("malformed chunk: no CRLF after its data");
+      }
       parts.push(c.buf.slice(0, size));
       c.consume(size + 2);
     }

@@ -4,93 +4,8 @@
  * the silence, or the hang-up) a test asks for.
  */
 import assert from "node:assert/strict";
-import { Upstream, UpstreamError } from "../proxy/upstream.ts";
-
-const encoder = new TextEncoder();
-const decoder = new TextDecoder();
-
-interface Received {
-  head: string;
-  body: string;
-  connection: number;
-}
-
-/** What the scripted server does with a request: answer bytes, hang up, or say nothing. */
-type Script = (req: Received) => string | Uint8Array | "hang up" | "silence";
-
-/** A TCP server that reads HTTP/1.1 requests (with content-length) and follows `script`. */
-function scriptedServer(script: Script) {
-  const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
-  const received: Received[] = [];
-  const conns = new Set<Deno.Conn>();
-  let connections = 0;
-  (async () => {
-    for await (const conn of listener) {
-      conns.add(conn);
-      const id = ++connections;
-      (async () => {
-        let buf = new Uint8Array(0);
-        const chunk = new Uint8Array(64 * 1024);
-        try {
-          for (;;) {
-            const text = decoder.decode(buf);
-            const end = text.indexOf("\r\n\r\n");
-            if (end >= 0) {
-              const head = text.slice(0, end);
-              const length = Number(/content-length: (\d+)/i.exec(head)?.[1] ?? 0);
-              if (buf.length >= end + 4 + length) {
-                const body = decoder.decode(buf.subarray(end + 4, end + 4 + length));
-                buf = buf.slice(end + 4 + length);
-                const req = { head, body, connection: id };
-                received.push(req);
-                const answer = script(req);
-                if (answer === "hang up") {
-                  conn.close();
-                  return;
-                }
-                if (answer !== "silence") {
-                  await conn.write(typeof answer === "string" ? encoder.encode(answer) : answer);
-                }
-                continue;
-              }
-            }
-            const n = await conn.read(chunk);
-            if (n === null) return;
-            const next = new Uint8Array(buf.length + n);
-            next.set(buf);
-            next.set(chunk.subarray(0, n), buf.length);
-            buf = next;
-          }
-        } catch {
-          /* closed by the test */
-        } finally {
-          conns.delete(conn);
-          try {
-            conn.close();
-          } catch { /* already closed */ }
-        }
-      })();
-    }
-  })();
-  const port = (listener.addr as Deno.NetAddr).port;
-  return {
-    url: `http://127.0.0.1:${port}`,
-    received,
-    /** Closes every open connection from the server side. */
-    hangUpAll() {
-      for (const c of conns) c.close();
-    },
-    close() {
-      listener.close();
-      for (const c of conns) c.close();
-    },
-  };
-}
-
-const ok = (body: string, extra = "") =>
-  `HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: ${
-    encoder.encode(body).length
-  }\r\n${extra}\r\n${body}`;
+import { UnsendableRequest, Upstream, UpstreamError } from "../proxy/upstream.ts";
+import { decoder, encoder, ok, scriptedServer } from "./_helpers/scripted_server.ts";
 
 function post(upstream: Upstream, body = "hello", idempotent = false) {
   return upstream.send({
@@ -236,6 +151,9 @@ Deno.test("Upstream: silence gives a clear timeout, broken answers a clear error
     if (req.body === "length") return "HTTP/1.1 200 OK\r\ncontent-length: -4\r\n\r\n";
     if (req.body === "truncated") return "HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nabc";
     if (req.body === "chunk") return "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n";
+    if (req.body === "crlf") {
+      return "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nhiXX0\r\n\r\n";
+    }
     return ok(req.body);
   });
   const upstream = new Upstream(server.url, { timeoutMs: 300 });
@@ -253,8 +171,74 @@ Deno.test("Upstream: silence gives a clear timeout, broken answers a clear error
     server.hangUpAll();
     await assert.rejects(() => truncated, /closed the connection in the middle of an answer/);
     await assert.rejects(() => post(upstream, "chunk"), /malformed chunk size: zz/);
+    await assert.rejects(() => post(upstream, "crlf"), /no CRLF after its data/);
     // After all that the client still works.
     assert.equal(text(await post(upstream, "fine")), "fine");
+  } finally {
+    upstream.close();
+    server.close();
+  }
+});
+
+Deno.test("Upstream.send() refuses a method or target that could split the request line, sending nothing", async () => {
+  const server = scriptedServer((req) => ok(req.body));
+  const upstream = new Upstream(server.url);
+  try {
+    const bad: [string, string][] = [
+      ["POST", "/v2/x HTTP/1.1\r\nhost: y\r\n\r\nPOST /v2/atomic_write"],
+      ["POST", "/a b"],
+      ["POST", "v2/no-leading-slash"],
+      ["GET / HTTP/1.1\r\n", "/"],
+    ];
+    for (const [method, path] of bad) {
+      await assert.rejects(
+        () => upstream.send({ method, path, headers: new Headers(), body: new Uint8Array(0) }),
+        UnsendableRequest,
+      );
+    }
+    assert.equal(server.received.length, 0);
+    assert.equal(text(await post(upstream, "fine")), "fine");
+  } finally {
+    upstream.close();
+    server.close();
+  }
+});
+
+Deno.test("Upstream reuses a connection only after a clean HTTP/1.1 or keep-alive HTTP/1.0 answer", async () => {
+  const answers = [
+    "HTTP/1.0 200 OK\r\ncontent-length: 2\r\n\r\nhi",
+    "HTTP/1.1 200 OK\r\ncontent-length: 99\r\ntransfer-encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n",
+    "HTTP/1.0 200 OK\r\nconnection: keep-alive\r\ncontent-length: 2\r\n\r\nhi",
+    ok("hi"),
+  ];
+  let n = 0;
+  const server = scriptedServer(() => answers[n++]);
+  const upstream = new Upstream(server.url);
+  try {
+    for (let i = 0; i < answers.length; i++) assert.equal(text(await post(upstream)), "hi");
+    // HTTP/1.0 closes, and a message framed two ways is not trusted after.
+    assert.deepEqual(server.received.map((r) => r.connection), [1, 2, 3, 3]);
+  } finally {
+    upstream.close();
+    server.close();
+  }
+});
+
+Deno.test("Upstream: a read retried after a hang-up goes to a fresh connection", async () => {
+  // Connections 1 and 2 look alive but hang up on the next request (as after
+  // a restart the pending reads have not noticed yet).
+  const server = scriptedServer((req) =>
+    req.body === "read" && req.connection <= 2 ? "hang up" : ok(req.body)
+  );
+  const upstream = new Upstream(server.url);
+  try {
+    await Promise.all([post(upstream, "warm 1"), post(upstream, "warm 2")]);
+    assert.equal(upstream.openConnections, 2);
+    assert.equal(text(await post(upstream, "read", true)), "read");
+    assert.deepEqual(
+      server.received.filter((r) => r.body === "read").map((r) => r.connection),
+      [2, 3],
+    );
   } finally {
     upstream.close();
     server.close();
