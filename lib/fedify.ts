@@ -6,7 +6,18 @@
  *
  * @module
  */
-import { type EnqueueOptions, KvQueue, KvQueueRunner } from "./kv_queue.ts";
+import { type EnqueueOptions, KvQueue, KvQueueRunner, type QueueMessage } from "./kv_queue.ts";
+
+/**
+ * Retry delays by default: the shape of Fedify's own default retry policy
+ * (`createExponentialBackoffPolicy()`: 1 s doubling, ten retries, no jitter
+ * here), since `nativeRetrial` hands retries to this queue. Deno's shorter
+ * default would give up on a server that is down for two minutes.
+ */
+export const FEDIFY_BACKOFF_SCHEDULE: readonly number[] = Array.from(
+  { length: 10 },
+  (_, i) => 1000 * 2 ** i,
+);
 
 /** The part of `Temporal.Duration` this module uses. */
 export interface DurationLike {
@@ -40,8 +51,10 @@ export interface KvMessageQueueOptions {
   concurrency?: number;
   /** Lease time in ms, renewed while a handler runs. Default 30,000. */
   leaseMs?: number;
-  /** Retry delays after a handler throws. Default: Deno's schedule. */
+  /** Retry delays after a handler throws. Default {@linkcode FEDIFY_BACKOFF_SCHEDULE}. */
   backoffSchedule?: readonly number[];
+  /** Called when a handler throws (before the retry or the dead letter). */
+  onError?: (error: unknown, message: QueueMessage) => void;
   /** Pending messages after which enqueue throws. Default 100,000. */
   backlogLimit?: number;
 }
@@ -95,7 +108,7 @@ export class KvMessageQueue {
   #enqueueOptions(options: MessageQueueEnqueueOptions | undefined): EnqueueOptions {
     return {
       delayMs: delayMs(options),
-      backoffSchedule: this.#options.backoffSchedule,
+      backoffSchedule: this.#options.backoffSchedule ?? FEDIFY_BACKOFF_SCHEDULE,
       orderingKey: options?.orderingKey,
     };
   }
@@ -123,7 +136,9 @@ export class KvMessageQueue {
     const runner = new KvQueueRunner(this.#kv, this.queue, {
       concurrency: this.#options.concurrency,
       leaseMs: this.#options.leaseMs,
+      onError: this.#options.onError,
       dispatch: (m) => handler(m.data),
+      dispatchType: TYPE,
     });
     let stopped: Promise<void> = Promise.resolve();
     const stop = () => {

@@ -4,15 +4,17 @@
  * two faces: {@linkcode withQueues} (Deno-compatible) and
  * {@linkcode KvQueue} / {@linkcode KvQueueRunner} (typed).
  *
- * Key layout, all under one prefix `P` (default `["__kvq__"]`):
+ * Key layout, all under one prefix `P` (default `["__kvq__"]`; `withQueues`
+ * uses `["__kvq__", "deno"]`, `KvMessageQueue` `["__kvq__", "fedify"]`):
  *
  * | key                       | value                                            |
  * | ------------------------- | ------------------------------------------------ |
  * | `[...P, "r", due, id]`    | the message's envelope: type, options, attempts, and the owner while leased |
  * | `[...P, "v", id]`         | the message value (up to 64 KiB), unless small enough to ride in the envelope |
  * | `[...P, "i", key]`        | idempotency key → message id, while pending      |
- * | `[...P, "oh", okey]`      | ordering key's line: head id and sequence numbers |
- * | `[...P, "oq", okey, seq]` | a message waiting in its ordering key's line     |
+ * | `[...P, "oo", okey]`      | present while the line of an ordering key has messages |
+ * | `[...P, "ol", okey]`      | the last place given in that line (written by enqueues only) |
+ * | `[...P, "oq", okey, seq]` | a message of that line, head included, by place  |
  * | `[...P, "d", id]`         | dead letter (type, attempts, error, times)       |
  * | `[...P, "dv", id]`        | dead letter value                                |
  * | `[...P, "sig"]`           | bumped by enqueues, retries and releases; workers `watch` it |
@@ -26,7 +28,12 @@
  * of the entry is the lease token. Claims, completions and enqueues made
  * together share commits (up to 10 checks and under 1 KiB each, see
  * `REQUEST_BUDGET_BYTES`), so a delivered message costs less than one KV
- * write.
+ * write. Only the head of an ordering key's line is in `"r"`; finishing it
+ * schedules the next.
+ *
+ * Leases and due times come from each worker's clock: workers whose clocks
+ * differ by more than a third of `leaseMs` may take over each other's live
+ * leases (the message then runs twice; at-least-once still holds).
  *
  * @module
  */
@@ -43,7 +50,10 @@ export const MAX_VALUE_BYTES = 65536;
  * Connect's 800 KiB per atomic write with 64 KiB values.
  */
 export const MAX_KEYS_IF_UNDELIVERED = 10;
-/** Most messages per atomic commit in batch enqueues (10 × 64 KiB < 800 KiB per write); small ones are also held under 1 KiB per commit. */
+/**
+ * Most messages per atomic commit in batch enqueues; small ones are packed
+ * under 1 KiB per commit, and one over that goes alone.
+ */
 export const ENQUEUE_BATCH = 10;
 /** Default number of pending messages after which enqueue throws. */
 export const DEFAULT_BACKLOG_LIMIT = 100_000;
@@ -71,6 +81,23 @@ const INLINE_VALUE_BYTES = 128;
 const ENQUEUE_MANY_IN_FLIGHT = 4;
 /** Commit attempts before an enqueue or completion on a busy ordering key gives up. */
 const ORDERED_RETRIES = 50;
+/** denokv refuses keys over 2 KiB. */
+const MAX_KEY_BYTES = 2048;
+/** Idempotency and ordering keys end up inside KV keys: keep them well under that. */
+const MAX_NAME_BYTES = 1024;
+/**
+ * An idle runner looks at the queue at least this often, in case its watch
+ * stream died without an error (a half-open connection).
+ */
+const IDLE_RECHECK_MS = 60_000;
+/**
+ * A message no handler here can take goes back for another worker, first
+ * after this many ms, doubling each time up to an hour; it does not count
+ * as a delivery.
+ */
+const NO_HANDLER_DELAY_MS = 5_000;
+/** Messages whose handlers run in this process (across runners): never claimed twice here. */
+const RUNNING_HERE = new Set<string>();
 
 /** Options of {@linkcode KvQueue}. */
 export interface KvQueueOptions {
@@ -107,6 +134,11 @@ export interface QueueMessage<T = unknown> {
   /** 1 on first delivery. */
   attempt: number;
   enqueuedAt: number;
+  /**
+   * Aborted when this worker no longer holds the message: `stop()` gave it
+   * back after `stopTimeoutMs`, or another worker took over its lease.
+   */
+  signal: AbortSignal;
 }
 
 /** A message that exhausted its attempts. */
@@ -118,6 +150,19 @@ export interface DeadLetter {
   error: string;
   failedAt: number;
   enqueuedAt: number;
+  /** Its ordering key, if it had one: `requeueDead` puts it back in that line. */
+  orderingKey?: string;
+}
+
+/**
+ * Thrown by {@linkcode KvQueue.enqueueMany} when a commit failed after others
+ * had gone through: `enqueuedIds` are the messages that are in the queue.
+ */
+export class EnqueueManyError extends Error {
+  override name = "EnqueueManyError";
+  constructor(message: string, readonly enqueuedIds: string[], options?: ErrorOptions) {
+    super(message, options);
+  }
 }
 
 /**
@@ -167,18 +212,13 @@ interface Envelope {
   iv?: 1;
   /** The value, when `iv`. */
   v?: unknown;
+  /** Times it went back because no worker that took it had a handler for its type. */
+  nh?: number;
 }
 
 /** The attempts a message gets. */
 function maxAttemptsOf(env: Envelope): number {
   return env.max ?? (env.b ?? DEFAULT_BACKOFF_SCHEDULE).length + 1;
-}
-
-/** The `"oh"` entry of an ordering key: who is at the head and the last number given. */
-interface OrderLine {
-  head: string;
-  headSeq: number;
-  last: number;
 }
 
 /** An `"oq"` entry: a message waiting for its turn. */
@@ -218,6 +258,19 @@ function checkKey(name: string, key: unknown): Deno.KvKey {
   if (!Array.isArray(key)) {
     throw new TypeError(`"${name}" must be a KV key array: got ${describe(key)}`);
   }
+  for (const part of key) {
+    const t = typeof part;
+    if (
+      t !== "string" && t !== "number" && t !== "bigint" && t !== "boolean" &&
+      !(part instanceof Uint8Array)
+    ) {
+      throw new TypeError(`"${name}" has a part that is not a KV key part: got ${describe(part)}`);
+    }
+  }
+  const bytes = keyBytes(key as Deno.KvKey);
+  if (bytes > MAX_KEY_BYTES) {
+    throw new RangeError(`"${name}" must be at most ${MAX_KEY_BYTES} bytes: got about ${bytes}`);
+  }
   return key as Deno.KvKey;
 }
 
@@ -225,6 +278,11 @@ function checkName(name: string, value: unknown): string | undefined {
   if (value === undefined) return undefined;
   if (typeof value !== "string" || value.length === 0) {
     throw new TypeError(`"${name}" must be a non-empty string: got ${describe(value)}`);
+  }
+  if (textBytes(value) > MAX_NAME_BYTES) {
+    throw new RangeError(
+      `"${name}" must be at most ${MAX_NAME_BYTES} bytes: got ${value.length} characters`,
+    );
   }
   return value;
 }
@@ -294,34 +352,44 @@ function keyBytes(key: Deno.KvKey): number {
 
 /**
  * An estimate of a value's size in V8's serialization, which KV uses (tags,
- * varint lengths, small integers as varints); it stops counting past `cap`.
+ * varint lengths, small integers as varints). It stops past `cap`, so a huge
+ * value costs no more to measure than a small one.
  */
 function valueBytes(value: unknown, cap = REQUEST_BUDGET_BYTES): number {
   let n = 2;
   const stack: unknown[] = [value];
-  while (stack.length > 0 && n <= cap) {
+  // Children are pushed one at a time against the cap: a sparse array of a
+  // billion slots stops after `cap` of them.
+  const push = (x: unknown) => {
+    n += 1;
+    stack.push(x);
+    return n > cap;
+  };
+  while (stack.length > 0) {
+    if (n > cap) return n;
     const v = stack.pop();
     if (v === null || typeof v !== "object") {
       if (typeof v === "string") n += textBytes(v) + 3;
       else if (typeof v === "number") n += Number.isInteger(v) && Math.abs(v) < 2 ** 30 ? 3 : 9;
       else if (typeof v === "bigint") n += 4 + 8 * Math.ceil(v.toString(16).length / 16);
       else n += 1;
-    } else if (ArrayBuffer.isView(v) || v instanceof ArrayBuffer) n += v.byteLength + 12;
+    } else if (ArrayBuffer.isView(v)) {
+      // V8 writes a view's whole backing buffer, not just the view.
+      n += v.buffer.byteLength + 16;
+    } else if (v instanceof ArrayBuffer) n += v.byteLength + 12;
     else if (v instanceof Date || v instanceof Deno.KvU64) n += 9;
     else if (v instanceof Map) {
       n += 6;
-      for (const [k, x] of v) stack.push(k, x);
-    } else if (v instanceof Set) {
+      for (const [k, x] of v) if (push(k) || push(x)) return n;
+    } else if (v instanceof Set || Array.isArray(v)) {
       n += 6;
-      for (const x of v) stack.push(x);
-    } else if (Array.isArray(v)) {
-      n += 6;
-      for (const x of v) stack.push(x);
+      for (const x of v) if (push(x)) return n;
     } else {
       n += 4;
-      for (const [k, x] of Object.entries(v)) {
+      for (const k in v) {
+        if (!Object.hasOwn(v, k)) continue;
         n += textBytes(k) + 2;
-        stack.push(x);
+        if (push((v as Record<string, unknown>)[k])) return n;
       }
     }
   }
@@ -348,8 +416,11 @@ class Keys {
   idempotency(key: string): Deno.KvKey {
     return [...this.prefix, "i", key];
   }
-  orderLine(key: string): Deno.KvKey {
-    return [...this.prefix, "oh", key];
+  lineOpen(key: string): Deno.KvKey {
+    return [...this.prefix, "oo", key];
+  }
+  lineLast(key: string): Deno.KvKey {
+    return [...this.prefix, "ol", key];
   }
   waiting(key: string, seq: number): Deno.KvKey {
     return [...this.prefix, "oq", key, seq];
@@ -422,6 +493,10 @@ export class KvQueue {
   #flushScheduled = false;
   /** What the signal and counter mutations add to a commit. */
   readonly #signalBytes: number;
+  /** Runners of this queue in this process: an enqueue here wakes them at once. */
+  readonly #runners = new Set<{ wake(): void }>();
+  /** The last enqueue per ordering key in this process: same-key enqueues here go one by one. */
+  readonly #lineTails = new Map<string, Promise<unknown>>();
 
   constructor(kv: Deno.Kv, options: KvQueueOptions = {}) {
     this.kv = kv;
@@ -456,6 +531,17 @@ export class KvQueue {
   /** @internal The handler for `type`, if any. */
   handlerFor(type: string): MessageHandler<unknown> | undefined {
     return this.#handlers.get(type) as MessageHandler<unknown> | undefined;
+  }
+
+  /** @internal Registers (or, with `false`, forgets) a runner to wake on local enqueues. */
+  attach(runner: { wake(): void }, on = true): void {
+    if (on) this.#runners.add(runner);
+    else this.#runners.delete(runner);
+  }
+
+  /** @internal Wakes this process's runners after an enqueue committed. */
+  wakeRunners(): void {
+    for (const r of this.#runners) r.wake();
   }
 
   /** @internal Validates options and builds a message. */
@@ -499,7 +585,7 @@ export class KvQueue {
     if (orderingKey !== undefined) envelope.ok = orderingKey;
     const id = newId();
     const due = now + delayMs;
-    const size = valueBytes(value, INLINE_VALUE_BYTES);
+    const size = valueBytes(value);
     if (size <= INLINE_VALUE_BYTES) {
       envelope.iv = 1;
       envelope.v = value;
@@ -551,6 +637,11 @@ export class KvQueue {
     this.#countSinceRead += adding;
   }
 
+  /** Gives back what `checkBacklog` counted for enqueues that did not happen. */
+  #unaccount(n: number): void {
+    this.#countSinceRead = Math.max(0, this.#countSinceRead - n);
+  }
+
   async #readCount(): Promise<void> {
     const startedAt = Date.now();
     const entry = await this.kv.get<Deno.KvU64>(this.keys.count());
@@ -580,14 +671,23 @@ export class KvQueue {
     const msg = this.prepare(type, data, options);
     await this.checkBacklog(1);
     const { ik: idempotencyKey, ok: orderingKey } = msg.envelope;
-    if (orderingKey !== undefined) return (await this.#enqueueOrdered(orderingKey, [msg]))[0];
+    if (orderingKey !== undefined) return (await this.#enqueueOrdered(orderingKey, [msg]))![0];
     if (idempotencyKey === undefined) {
       await this.groupCommit(msg);
       return msg.id;
     }
-    const res = await this.addTo(this.kv.atomic(), msg).commit();
-    if (res.ok) return msg.id;
-    this.#countSinceRead--;
+    let res: Deno.KvCommitResult | Deno.KvCommitError;
+    try {
+      res = await this.addTo(this.kv.atomic(), msg).commit();
+    } catch (err) {
+      this.#unaccount(1);
+      throw err;
+    }
+    if (res.ok) {
+      this.wakeRunners();
+      return msg.id;
+    }
+    this.#unaccount(1);
     const existing = await this.kv.get<string>(this.keys.idempotency(idempotencyKey));
     if (existing.value !== null) return existing.value;
     // The pending message finished between our commit and the read: try again.
@@ -597,8 +697,9 @@ export class KvQueue {
   /**
    * @internal Enqueues made in the same turn of the event loop share one
    * commit ({@linkcode ENQUEUE_BATCH} at most). They carry no checks, so a
-   * group can only fail as a whole; one the client refuses as too large is
-   * retried one message per commit, so only the offending message fails.
+   * group can only fail as a whole; one the client refuses before sending
+   * (a value it cannot serialize or that is too large) is retried one message
+   * per commit, so only the offending message fails.
    */
   groupCommit(msg: Prepared): Promise<Deno.KvCommitResult> {
     const done = Promise.withResolvers<Deno.KvCommitResult>();
@@ -620,62 +721,111 @@ export class KvQueue {
   async #commitGroup(
     group: { msg: Prepared; done: PromiseWithResolvers<Deno.KvCommitResult> }[],
   ): Promise<void> {
-    const op = this.kv.atomic();
-    for (const { msg } of group) this.addTo(op, msg, false);
-    op.set(this.keys.signal(), group[0].msg.id).sum(this.keys.count(), BigInt(group.length));
+    let res: Deno.KvCommitResult | Deno.KvCommitError;
     try {
-      const res = await op.commit();
-      for (const { done } of group) done.resolve(res as Deno.KvCommitResult);
+      // Values are serialized as they are added: a bad one throws here,
+      // before anything was sent.
+      const op = this.kv.atomic();
+      for (const { msg } of group) this.addTo(op, msg, false);
+      op.set(this.keys.signal(), group[0].msg.id).sum(this.keys.count(), BigInt(group.length));
+      res = await op.commit();
     } catch (err) {
-      // The client checks sizes before sending: a TypeError means nothing was written.
-      if (group.length > 1 && err instanceof TypeError) {
+      // The client refuses oversized writes before sending them too.
+      const unsent = err instanceof TypeError || err instanceof DOMException;
+      if (group.length > 1 && unsent) {
         for (const one of group) this.#commitGroup([one]);
-      } else {
-        for (const { done } of group) done.reject(err);
+        return;
       }
+      this.#unaccount(group.length);
+      for (const { done } of group) done.reject(err);
+      return;
     }
+    for (const { done } of group) done.resolve(res as Deno.KvCommitResult);
+    this.wakeRunners();
   }
 
   /**
-   * Appends messages to the line of `orderingKey`: the first of an empty line
-   * becomes its head and is scheduled; the others wait in `"oq"` until the
-   * message before them is finished. The line's `"oh"` entry is rewritten on
-   * every append, so a completion that read the line before fails its check.
+   * Appends messages to the line of `orderingKey`. The first message of an
+   * empty line opens it (`"oo"`) and is scheduled; the others wait in `"oq"`
+   * until the message before them is finished. An append checks only the
+   * line's last place (`"ol"`, written by appends alone) and that the line is
+   * still open, so finishing a message never has to race with appends; only
+   * closing an empty line does. Same-key enqueues of this process go one by
+   * one. `extra` adds mutations to the same commit; when that commit fails,
+   * `stillValid` says whether to try again (false: give up, return null).
    */
-  async #enqueueOrdered(orderingKey: string, msgs: Prepared[]): Promise<string[]> {
+  #enqueueOrdered(
+    orderingKey: string,
+    msgs: Prepared[],
+    extra?: (op: Deno.AtomicOperation) => void,
+    stillValid?: () => Promise<boolean>,
+  ): Promise<string[] | null> {
+    const previous = this.#lineTails.get(orderingKey) ?? Promise.resolve();
+    const mine = previous.catch(() => {}).then(() =>
+      this.#appendToLine(orderingKey, msgs, extra, stillValid)
+    );
+    const tail = mine.catch(() => {});
+    this.#lineTails.set(orderingKey, tail);
+    tail.then(() => {
+      if (this.#lineTails.get(orderingKey) === tail) this.#lineTails.delete(orderingKey);
+    });
+    return mine;
+  }
+
+  async #appendToLine(
+    orderingKey: string,
+    msgs: Prepared[],
+    extra?: (op: Deno.AtomicOperation) => void,
+    stillValid?: () => Promise<boolean>,
+  ): Promise<string[] | null> {
     const k = this.keys;
+    const idem = msgs.length === 1 ? msgs[0].envelope.ik : undefined;
     for (let attempt = 0; attempt < ORDERED_RETRIES; attempt++) {
-      const idem = msgs.length === 1 ? msgs[0].envelope.ik : undefined;
-      const line = await this.kv.get<OrderLine>(k.orderLine(orderingKey));
-      const op = this.kv.atomic().check(line);
-      let next: OrderLine | null = line.value;
-      let last = line.value?.last ?? 0;
+      const [open, last] = await this.kv.getMany<[number, number]>([
+        k.lineOpen(orderingKey),
+        k.lineLast(orderingKey),
+      ]);
+      const op = this.kv.atomic().check(open).check(last);
+      let seq = last.value ?? 0;
       for (const msg of msgs) {
-        const seq = ++last;
-        msg.envelope.seq = seq;
+        msg.envelope.seq = ++seq;
         if (!msg.envelope.iv) op.set(k.value(msg.id), msg.value);
         op.set(k.waiting(orderingKey, seq), { id: msg.id, due: msg.due, envelope: msg.envelope });
-        if (next === null) {
-          next = { head: msg.id, headSeq: seq, last: seq };
-          op.set(k.schedule(msg.due, msg.id), msg.envelope);
-        }
       }
-      op.set(k.orderLine(orderingKey), { ...next!, last })
+      if (open.value === null) {
+        // An empty line: the first message is its head at once.
+        op.set(k.lineOpen(orderingKey), 1).set(
+          k.schedule(msgs[0].due, msgs[0].id),
+          msgs[0].envelope,
+        );
+      }
+      op.set(k.lineLast(orderingKey), seq)
         .set(k.signal(), msgs[0].id)
         .sum(k.count(), BigInt(msgs.length));
       if (idem !== undefined) {
         op.check({ key: k.idempotency(idem), versionstamp: null })
           .set(k.idempotency(idem), msgs[0].id);
       }
-      if ((await op.commit()).ok) return msgs.map((m) => m.id);
+      extra?.(op);
+      if ((await op.commit()).ok) {
+        this.wakeRunners();
+        return msgs.map((m) => m.id);
+      }
       if (idem !== undefined) {
         const existing = await this.kv.get<string>(k.idempotency(idem));
         if (existing.value !== null) {
-          this.#countSinceRead--;
+          this.#unaccount(1);
           return [existing.value];
         }
       }
+      if (stillValid && !await stillValid()) {
+        this.#unaccount(msgs.length);
+        return null;
+      }
+      // Another process appended or closed the line: try again a moment later.
+      await new Promise((r) => setTimeout(r, Math.random() * Math.min(100, 2 ** attempt)));
     }
+    this.#unaccount(msgs.length);
     throw new Error(
       `enqueue: the line of ordering key ${JSON.stringify(orderingKey)} kept changing; ` +
         `gave up after ${ORDERED_RETRIES} attempts`,
@@ -686,8 +836,8 @@ export class KvQueue {
    * Enqueues many messages of `type`, up to {@linkcode ENQUEUE_BATCH} per atomic
    * commit with a few commits in flight at once (one at a time with an
    * `orderingKey`, to keep the order), and returns their ids in order. If a
-   * commit fails, the error is thrown once the others in flight have ended;
-   * batches that committed stay enqueued.
+   * commit fails, the others in flight end first and an
+   * {@linkcode EnqueueManyError} lists the ids that were enqueued.
    *
    * @example
    * ```ts
@@ -710,14 +860,24 @@ export class KvQueue {
     const prepared = items.map((d) => this.prepare(type, d, options));
     const batches = pack(prepared, (m) => m.bytes, this.#signalBytes, ENQUEUE_BATCH);
     const orderingKey = options.orderingKey;
+    const enqueued = new Set<string>();
     const commit = async (batch: Prepared[]) => {
       await this.checkBacklog(batch.length);
-      if (orderingKey !== undefined) return void await this.#enqueueOrdered(orderingKey, batch);
-      const op = this.kv.atomic();
-      for (const msg of batch) this.addTo(op, msg, false);
-      await op.set(this.keys.signal(), batch[0].id)
-        .sum(this.keys.count(), BigInt(batch.length))
-        .commit();
+      if (orderingKey !== undefined) await this.#enqueueOrdered(orderingKey, batch);
+      else {
+        try {
+          const op = this.kv.atomic();
+          for (const msg of batch) this.addTo(op, msg, false);
+          await op.set(this.keys.signal(), batch[0].id)
+            .sum(this.keys.count(), BigInt(batch.length))
+            .commit();
+        } catch (err) {
+          this.#unaccount(batch.length);
+          throw err;
+        }
+        this.wakeRunners();
+      }
+      for (const m of batch) enqueued.add(m.id);
     };
     let next = 0;
     let stop = false;
@@ -731,8 +891,16 @@ export class KvQueue {
     };
     const lanes = orderingKey === undefined ? ENQUEUE_MANY_IN_FLIGHT : 1;
     const results = await Promise.allSettled(Array.from({ length: lanes }, lane));
-    const failed = results.find((r) => r.status === "rejected");
-    if (failed) throw (failed as PromiseRejectedResult).reason;
+    const failed = results.find((r) => r.status === "rejected") as PromiseRejectedResult;
+    if (failed) {
+      const ids = prepared.map((m) => m.id).filter((id) => enqueued.has(id));
+      const reason = failed.reason instanceof Error ? failed.reason.message : String(failed.reason);
+      throw new EnqueueManyError(
+        `enqueueMany: ${ids.length} of ${prepared.length} messages enqueued, then: ${reason}`,
+        ids,
+        { cause: failed.reason },
+      );
+    }
     return prepared.map((m) => m.id);
   }
 
@@ -805,8 +973,9 @@ export class KvQueue {
   }
 
   /**
-   * Puts a dead letter back in the queue with fresh attempts; returns the new
-   * id, or null if the letter is gone.
+   * Puts a dead letter back in the queue with fresh attempts (at the end of
+   * its ordering key's line, if it had one); returns the new id, or null if
+   * the letter is gone (another call took it first).
    *
    * @example
    * ```ts
@@ -818,18 +987,36 @@ export class KvQueue {
    * ```
    */
   async requeueDead(id: string, options: EnqueueOptions = {}): Promise<string | null> {
+    const k = this.keys;
     const [d, v] = await this.kv.getMany<[Omit<DeadLetter, "value" | "id">, unknown]>([
-      this.keys.dead(id),
-      this.keys.deadValue(id),
+      k.dead(id),
+      k.deadValue(id),
     ]);
     if (d.value === null) return null;
-    const msg = this.prepare(d.value.type, v.value, { ...options, orderingKey: undefined });
-    const op = this.addTo(this.kv.atomic(), msg)
-      .check(d)
-      .delete(this.keys.dead(id))
-      .delete(this.keys.deadValue(id));
-    const res = await op.commit();
-    return res.ok ? msg.id : null;
+    const msg = this.prepare(d.value.type, v.value, {
+      orderingKey: d.value.orderingKey,
+      ...options,
+    });
+    await this.checkBacklog(1);
+    const takeLetter = (op: Deno.AtomicOperation) =>
+      op.check(d).delete(k.dead(id)).delete(k.deadValue(id));
+    const orderingKey = msg.envelope.ok;
+    if (orderingKey !== undefined) {
+      const ids = await this.#enqueueOrdered(
+        orderingKey,
+        [msg],
+        takeLetter,
+        async () => (await this.kv.get(k.dead(id))).versionstamp === d.versionstamp,
+      );
+      return ids === null ? null : ids[0];
+    }
+    const res = await takeLetter(this.addTo(this.kv.atomic(), msg)).commit();
+    if (!res.ok) {
+      this.#unaccount(1);
+      return null;
+    }
+    this.wakeRunners();
+    return msg.id;
   }
 
   /**
@@ -870,10 +1057,15 @@ export interface KvQueueRunnerOptions {
   leaseMs?: number;
   /** How long `stop()` waits for running handlers before releasing them. Default 30,000. */
   stopTimeoutMs?: number;
-  /** Called when a handler throws (the message is retried or dead-lettered). */
+  /**
+   * Called when a handler throws (the message is retried or dead-lettered),
+   * and when a message has no handler here (it goes back for another worker).
+   */
   onError?: (error: unknown, message: QueueMessage) => void;
-  /** @internal Replaces per-type dispatch (used by `withQueues`). */
+  /** @internal Replaces per-type dispatch (used by `withQueues` and `fedify.ts`). */
   dispatch?: (message: QueueMessage) => unknown | Promise<unknown>;
+  /** @internal With `dispatch`: the one message type it handles. */
+  dispatchType?: string;
 }
 
 /** A message this runner holds the lease of. */
@@ -888,10 +1080,17 @@ interface Held {
   running: boolean;
   /** Set when a renewal found the lease taken over, or stop() gave it back. */
   lost: boolean;
+  /** Aborts the handler's `message.signal` when the message is lost. */
+  abort: AbortController;
 }
 
 /** Thrown in place of a handler for a message claimed after `stop()`. */
 class StopSignal extends Error {}
+
+/** Thrown in place of a handler when this worker has none for the message's type. */
+class NoHandler extends Error {
+  override name = "NoHandler";
+}
 
 /** Waits for `promise`, or `ms` at most. */
 async function within(promise: Promise<unknown> | null, ms: number): Promise<void> {
@@ -904,8 +1103,9 @@ async function within(promise: Promise<unknown> | null, ms: number): Promise<voi
  * Runs handlers registered on a {@linkcode KvQueue}: claims due messages with
  * versionstamp-checked leases, renews them while handlers run, retries
  * failures by the message's backoff schedule and dead-letters the rest.
- * Wakes on `kv.watch` of the queue's signal key, or when the next delayed
- * message or lease expiry it saw is due.
+ * Wakes on `kv.watch` of the queue's signal key, on enqueues through the
+ * same `KvQueue`, or when the next delayed message or lease expiry it saw is
+ * due (and at least every minute when idle).
  *
  * @example
  * ```ts
@@ -931,6 +1131,7 @@ export class KvQueueRunner {
   readonly stopTimeoutMs: number;
   readonly #onError?: (error: unknown, message: QueueMessage) => void;
   readonly #dispatch?: (message: QueueMessage) => unknown | Promise<unknown>;
+  readonly #dispatchType?: string;
   /** Short: it is written into every leased envelope. */
   readonly #owner = crypto.randomUUID().slice(0, 13);
   /** Messages held, from claim until their final commit. */
@@ -944,6 +1145,7 @@ export class KvQueueRunner {
   #watch: ReadableStreamDefaultReader<Deno.KvEntryMaybe<unknown>[]> | null = null;
   #completions: { held: Held; done: PromiseWithResolvers<void> }[] = [];
   #flushScheduled = false;
+  readonly #waker = { wake: () => this.#poke() };
 
   constructor(kv: Deno.Kv, queue: KvQueue, options: KvQueueRunnerOptions = {}) {
     this.kv = kv;
@@ -958,6 +1160,7 @@ export class KvQueueRunner {
     );
     this.#onError = options.onError;
     this.#dispatch = options.dispatch;
+    this.#dispatchType = options.dispatchType;
   }
 
   /** Number of handlers running now. */
@@ -965,11 +1168,23 @@ export class KvQueueRunner {
     return this.#active;
   }
 
-  /** Processes messages until {@linkcode stop} is called; resolves once stopped. */
+  /** @internal Messages held, handlers running or final commits pending. */
+  get holding(): number {
+    return this.#held.size;
+  }
+
+  /**
+   * Processes messages until {@linkcode stop} is called; resolves once
+   * stopped. Called while a stop is under way, it starts again after it.
+   */
   run(): Promise<void> {
-    if (this.#running) return this.#running;
+    if (this.#running) {
+      return this.#stopping ? this.#running.then(() => this.run()) : this.#running;
+    }
     this.#stopping = false;
+    this.queue.attach(this.#waker);
     this.#running = this.#loop().finally(() => {
+      this.queue.attach(this.#waker, false);
       this.#running = null;
     });
     return this.#running;
@@ -978,7 +1193,9 @@ export class KvQueueRunner {
   /**
    * Stops taking messages, waits up to `stopTimeoutMs` for running handlers
    * (and their final commits), then releases the leases of those still
-   * running so other workers can take them at once.
+   * running so other workers can take them at once; their `message.signal`
+   * aborts. This process never runs a message again while its old handler
+   * is still running.
    */
   async stop(): Promise<void> {
     this.#stopping = true;
@@ -989,7 +1206,7 @@ export class KvQueueRunner {
     await within(Promise.all([...this.#held.values()].map((h) => h.done)), this.stopTimeoutMs);
     for (const { held } of this.#held.values()) {
       if (!held.running || held.lost) continue;
-      held.lost = true;
+      this.#lose(held);
       await this.#release(held).catch(() => {});
     }
     this.#held.clear();
@@ -1001,6 +1218,11 @@ export class KvQueueRunner {
     const wake = this.#wake;
     this.#wake = null;
     wake?.();
+  }
+
+  #lose(held: Held): void {
+    held.lost = true;
+    held.abort.abort(new Error("the message's lease is no longer held by this worker"));
   }
 
   #startWatch(): void {
@@ -1047,7 +1269,7 @@ export class KvQueueRunner {
         }
         if (this.#stopping) break;
         if (this.#wakePending) continue;
-        const wait = nextDue - Date.now();
+        const wait = Math.min(nextDue - Date.now(), IDLE_RECHECK_MS);
         const full = this.#free() <= 0;
         if (wait <= 0 && !full) continue;
         await new Promise<void>((resolve) => {
@@ -1056,10 +1278,8 @@ export class KvQueueRunner {
             clearTimeout(timer);
             resolve();
           };
-          // When full, a finishing handler pokes; timers above 2^31 ms overflow.
-          if (Number.isFinite(wait) && !full) {
-            timer = setTimeout(() => this.#poke(), Math.min(Math.max(wait, 0) + 1, 2 ** 30));
-          }
+          // When full, a finishing handler pokes.
+          if (!full) timer = setTimeout(() => this.#poke(), Math.max(wait, 0) + 1);
         });
       }
     } finally {
@@ -1095,9 +1315,10 @@ export class KvQueueRunner {
           nextDue = at;
           break;
         }
-        // Our own lease ran out while we still hold it (renewals failing):
-        // leave it, the renewal may still win.
-        if (this.#held.has(idOf(e.key))) ownExpired = true;
+        // A lease that ran out while its handler still runs in this process
+        // (renewals failing, or released by a stop that timed out): leave it.
+        const id = idOf(e.key);
+        if (this.#held.has(id) || RUNNING_HERE.has(id)) ownExpired = true;
         else due.push(e);
       }
       const lost = due.length > 0 && !await this.#claim(due, now);
@@ -1162,8 +1383,10 @@ export class KvQueueRunner {
         stamp: res.versionstamp,
         running: true,
         lost: false,
+        abort: new AbortController(),
       };
       this.#active++;
+      RUNNING_HERE.add(c.id);
       this.#held.set(c.id, { held, done: this.#runHandler(held) });
     }
     return true;
@@ -1177,13 +1400,25 @@ export class KvQueueRunner {
     return out;
   }
 
+  /** The handler for `type` here, if any. */
+  #handlerFor(type: string): ((message: QueueMessage) => unknown) | undefined {
+    if (this.#dispatch) {
+      const mine = this.#dispatchType === undefined || type === this.#dispatchType;
+      return mine ? this.#dispatch : undefined;
+    }
+    const handler = this.queue.handlerFor(type);
+    return handler && ((m: QueueMessage) => handler(m.data, m));
+  }
+
   async #runHandler(held: Held): Promise<void> {
+    const env = held.envelope;
     const message: QueueMessage = {
       id: held.id,
-      type: held.envelope.t,
+      type: env.t,
       data: held.value,
-      attempt: held.envelope.n,
-      enqueuedAt: held.envelope.at,
+      attempt: env.n,
+      enqueuedAt: env.at,
+      signal: held.abort.signal,
     };
     // Renewals and the final commit are chained so they never race.
     let chain: Promise<unknown> = Promise.resolve();
@@ -1197,14 +1432,20 @@ export class KvQueueRunner {
       // claim that landed after stop() gives the message straight back.
       await Promise.resolve();
       if (this.#stopping) throw new StopSignal();
-      if (this.#dispatch) await this.#dispatch(message);
-      else {
-        const handler = this.queue.handlerFor(message.type);
-        if (!handler) {
-          throw new Error(`no handler for message type ${JSON.stringify(message.type)}`);
-        }
-        await handler(held.value, message);
+      const handler = this.#handlerFor(env.t);
+      if (!handler) {
+        throw new NoHandler(`no handler for message type ${JSON.stringify(env.t)} here`);
       }
+      // Deliveries that never ended (a worker killed, a lease lost) count
+      // too: past the last attempt, the message is dead without running.
+      if (env.n > maxAttemptsOf(env)) {
+        throw new Error(
+          `no attempts left: ${
+            env.n - 1
+          } deliveries started and none finished (worker stopped or lease lost)`,
+        );
+      }
+      await handler(message);
     } catch (err) {
       failed = true;
       failure = err;
@@ -1213,6 +1454,7 @@ export class KvQueueRunner {
     // The slot is free once the handler is done; the final commit runs
     // beside the next claims.
     held.running = false;
+    RUNNING_HERE.delete(held.id);
     this.#active--;
     this.#poke();
     await chain;
@@ -1224,7 +1466,11 @@ export class KvQueueRunner {
         try {
           this.#onError?.(failure, message);
         } catch { /* a broken callback must not lose the message */ }
-        await this.#fail(held, failure);
+        if (failure instanceof NoHandler) {
+          // Another worker may have the handler (a rolling deploy): back off.
+          const nh = env.nh ?? 0;
+          await this.#release(held, Math.min(NO_HANDLER_DELAY_MS * 2 ** nh, 3_600_000), nh + 1);
+        } else await this.#fail(held, failure);
       }
     } catch {
       // Lost contact with the server: the lease expires and the message returns.
@@ -1242,7 +1488,7 @@ export class KvQueueRunner {
     if (res.ok) {
       held.key = key;
       held.stamp = res.versionstamp;
-    } else held.lost = true;
+    } else this.#lose(held);
   }
 
   /** An atomic operation that proves the lease and takes the entry off the index. */
@@ -1313,40 +1559,34 @@ export class KvQueueRunner {
   }
 
   /**
-   * Finishes the head of an ordering key's line and schedules the next
-   * message in it, or closes the line. A concurrent enqueue rewrites the
-   * line's entry, so the commit fails and is tried again with a fresh read.
+   * Finishes the head of an ordering key's line: schedules the next message
+   * in it (no check on the line needed: appends only add places after it),
+   * or, when there is none, closes the line, checked against the line's last
+   * place so that an append in the meantime makes it look again.
    */
   async #finishOrdered(held: Held, extra: (op: Deno.AtomicOperation) => void): Promise<void> {
     const k = this.queue.keys;
     const orderingKey = held.envelope.ok!;
     const seq = held.envelope.seq!;
     for (let attempt = 0; attempt < ORDERED_RETRIES; attempt++) {
-      // The line first, then the next in it: an append after the first read
-      // fails the check below. (In the other order an append between the
-      // reads would pass the check and be stranded.)
-      const line = await this.kv.get<OrderLine>(k.orderLine(orderingKey));
+      // The last place first, then the next message: an append after the
+      // first read fails the close's check. (In the other order an append
+      // between the reads would pass it and be stranded.)
+      const last = await this.kv.get<number>(k.lineLast(orderingKey));
       const after = await Array.fromAsync(this.kv.list<Waiting>({
         prefix: k.waitingIn(orderingKey),
         start: k.waiting(orderingKey, seq + 1),
       }, { limit: 1 }));
       const next = after[0] ?? null;
       const op = this.#addFinish(this.kv.atomic(), held)
-        .check(line)
         .delete(k.waiting(orderingKey, seq))
         .sum(k.count(), minus(1));
       extra(op);
       if (next !== null) {
         const w = next.value;
-        op.set(k.schedule(w.due, w.id), w.envelope)
-          .set(k.orderLine(orderingKey), {
-            head: w.id,
-            headSeq: w.envelope.seq!,
-            last: line.value?.last ?? w.envelope.seq!,
-          })
-          .set(k.signal(), w.id);
+        op.set(k.schedule(w.due, w.id), w.envelope).set(k.signal(), w.id);
       } else {
-        op.delete(k.orderLine(orderingKey));
+        op.check(last).delete(k.lineLast(orderingKey)).delete(k.lineOpen(orderingKey));
       }
       if ((await op.commit()).ok) return;
       const mine = await this.kv.get(held.key);
@@ -1359,7 +1599,8 @@ export class KvQueueRunner {
     const k = this.queue.keys;
     const env = held.envelope;
     const attempts = env.n;
-    if (attempts < maxAttemptsOf(env)) {
+    const max = maxAttemptsOf(env);
+    if (attempts < max) {
       const schedule = env.b ?? DEFAULT_BACKOFF_SCHEDULE;
       const delay = schedule.length === 0
         ? 0
@@ -1375,28 +1616,44 @@ export class KvQueueRunner {
     }
     const dead: Omit<DeadLetter, "value" | "id"> = {
       type: env.t,
-      attempts,
+      attempts: Math.min(attempts, max),
       error: errorText(error).slice(0, 2000),
       failedAt: Date.now(),
       enqueuedAt: env.at,
     };
-    const bury = (op: Deno.AtomicOperation) => {
-      for (const key of env.u ?? []) op.set(key, held.value);
+    if (env.ok !== undefined) dead.orderingKey = env.ok;
+    const bury = (withKeys: boolean) => (op: Deno.AtomicOperation) => {
+      if (withKeys) { for (const key of env.u ?? []) op.set(key, held.value); }
       op.set(k.dead(held.id), dead).set(k.deadValue(held.id), held.value);
     };
-    if (env.ok !== undefined) return await this.#finishOrdered(held, bury);
-    const op = this.#addFinish(this.kv.atomic(), held).sum(k.count(), minus(1));
-    bury(op);
-    await op.commit();
+    const finish = (withKeys: boolean) => {
+      if (env.ok !== undefined) return this.#finishOrdered(held, bury(withKeys));
+      const op = this.#addFinish(this.kv.atomic(), held).sum(k.count(), minus(1));
+      bury(withKeys)(op);
+      return op.commit();
+    };
+    try {
+      await finish(true);
+    } catch (err) {
+      // keysIfUndelivered the client refuses must not keep the message alive
+      // for ever: bury it without them, and say so.
+      if (!(err instanceof TypeError) || !env.u?.length) throw err;
+      dead.error = `${dead.error.slice(0, 1500)} (keysIfUndelivered not written: ${err.message})`;
+      await finish(false);
+    }
   }
 
-  /** Gives the message back at once: it was not completed, so the delivery does not count. */
-  async #release(held: Held): Promise<void> {
+  /**
+   * Gives the message back: at once and not counted as a delivery (stop,
+   * claimed after stop), or after `delayMs` with `nh` bounces (no handler).
+   */
+  async #release(held: Held, delayMs = 0, nh?: number): Promise<void> {
     const k = this.queue.keys;
-    const now = Date.now();
     const { o: _, ...unleased } = held.envelope;
+    const env: Envelope = { ...unleased, n: unleased.n - 1 };
+    if (nh !== undefined) env.nh = nh;
     await this.#fromHeld(held)
-      .set(k.schedule(now, held.id), { ...unleased, n: unleased.n - 1 })
+      .set(k.schedule(Date.now() + delayMs, held.id), env)
       .set(k.signal(), held.id)
       .commit();
   }
@@ -1427,8 +1684,10 @@ function denoOptions(options: DenoEnqueueOptions | undefined): EnqueueOptions {
  * Returns `kv` with Deno Queues (`enqueue`, `listenQueue`, and
  * `atomic().enqueue()`) implemented on plain KV atomics, so they work over KV
  * Connect. The message is written in the same atomic commit as the other
- * mutations, so nothing is enqueued when a check fails. `close()` stops the
- * listeners (their `listenQueue` promises resolve) and closes `kv`.
+ * mutations, so nothing is enqueued when a check fails. Messages live under
+ * `["__kvq__", "deno"]` unless `prefix` says otherwise. `close()` stops the
+ * listeners (their `listenQueue` promises resolve) and closes `kv` once the
+ * final commits of finished handlers are in.
  *
  * @example
  * ```ts
@@ -1444,7 +1703,7 @@ function denoOptions(options: DenoEnqueueOptions | undefined): EnqueueOptions {
  * ```
  */
 export function withQueues(kv: Deno.Kv, options: WithQueuesOptions = {}): Deno.Kv {
-  const queue = new KvQueue(kv, options);
+  const queue = new KvQueue(kv, { ...options, prefix: options.prefix ?? ["__kvq__", DENO_TYPE] });
   const runners = new Set<KvQueueRunner>();
   const patchAtomic = (op: Deno.AtomicOperation): Deno.AtomicOperation => {
     let enqueued = 0;
@@ -1456,7 +1715,9 @@ export function withQueues(kv: Deno.Kv, options: WithQueuesOptions = {}): Deno.K
     const commit = op.commit.bind(op);
     op.commit = async () => {
       if (enqueued > 0) await queue.checkBacklog(enqueued);
-      return await commit();
+      const res = await commit();
+      if (res.ok && enqueued > 0) queue.wakeRunners();
+      return res;
     };
     return op;
   };
@@ -1471,14 +1732,22 @@ export function withQueues(kv: Deno.Kv, options: WithQueuesOptions = {}): Deno.K
         ...options,
         stopTimeoutMs: options.stopTimeoutMs ?? 0,
         dispatch: (m) => handler(m.data),
+        dispatchType: DENO_TYPE,
       });
       runners.add(runner);
       return runner.run().finally(() => runners.delete(runner));
     },
     atomic: () => patchAtomic(kv.atomic()),
     close: () => {
-      for (const r of runners) r.stop().catch(() => {});
-      kv.close();
+      const stopping = [...runners].map((r) => ({ r, stopped: r.stop() }));
+      const pending = stopping.filter(({ r }) => r.holding > 0);
+      if (pending.length === 0) return kv.close();
+      // Finished handlers' completions are still committing: close after them.
+      Promise.allSettled(pending.map((p) => p.stopped)).then(() => {
+        try {
+          kv.close();
+        } catch { /* closed by the caller meanwhile */ }
+      });
     },
   };
   return new Proxy(kv, {

@@ -8,6 +8,7 @@ import assert from "node:assert/strict";
 import { join } from "node:path";
 import {
   DEFAULT_BACKOFF_SCHEDULE,
+  EnqueueManyError,
   KvQueue,
   KvQueueRunner,
   MAX_VALUE_BYTES,
@@ -393,14 +394,18 @@ queueTest(
 );
 
 queueTest(
-  "KvQueueRunner.stop() releases a handler that outlives stopTimeoutMs to other workers",
+  "KvQueueRunner.stop() gives back a handler that outlives stopTimeoutMs, aborting its signal; this process never runs it twice at once",
   async (kv, prefix) => {
     const queue = new KvQueue(kv, { prefix });
     const never = Promise.withResolvers<void>();
     const deliveries: number[] = [];
+    let aborted: unknown = null;
     queue.handle("stuck", async (_d, msg) => {
       deliveries.push(msg.attempt);
-      if (deliveries.length === 1) await never.promise;
+      if (deliveries.length === 1) {
+        msg.signal.addEventListener("abort", () => aborted = msg.signal.reason);
+        await never.promise;
+      }
     });
     const first = new KvQueueRunner(kv, queue, { stopTimeoutMs: 100 });
     const running = first.run();
@@ -408,15 +413,21 @@ queueTest(
     await waitFor("the first delivery", () => deliveries.length === 1);
     await first.stop();
     await running;
-    // The lease was given back, not left to expire (30 s by default).
-    await runUntil(
-      new KvQueueRunner(kv, queue),
-      "redelivery",
-      () => deliveries.length === 2,
-      10_000,
-    );
-    assert.deepEqual(deliveries, [1, 1]);
+    assert.match(String(aborted), /no longer held/);
+    // The lease was given back at once (not left to expire, 30 s by default),
+    // and the delivery that never finished does not count.
+    assert.deepEqual(await queue.stats(), { ready: 1, delayed: 0, running: 0, dead: 0 });
+    // Another runner of this process leaves it while the old handler runs...
+    const second = new KvQueueRunner(kv, queue);
+    const secondRunning = second.run();
+    await sleep(500);
+    assert.deepEqual(deliveries, [1]);
+    // ...and takes it once that handler is done.
     never.resolve();
+    await waitFor("redelivery", () => deliveries.length === 2, { timeoutMs: 10_000 });
+    await second.stop();
+    await secondRunning;
+    assert.deepEqual(deliveries, [1, 1]);
     await emptyQueue(queue);
   },
 );
@@ -576,6 +587,163 @@ queueTest(
   },
 );
 
+queueTest(
+  "KvQueue.enqueue(): a value KV cannot store fails alone; the others enqueued with it go through",
+  async (kv, prefix) => {
+    const queue = new KvQueue(kv, { prefix });
+    const results = await Promise.allSettled([
+      queue.enqueue("t", { n: 1 }),
+      queue.enqueue("t", { n: 2, f: () => 2 }),
+      queue.enqueue("t", { n: 3 }),
+    ]);
+    assert.deepEqual(results.map((r) => r.status), ["fulfilled", "rejected", "fulfilled"]);
+    assert.match(String((results[1] as PromiseRejectedResult).reason), /clone/i);
+    const got: number[] = [];
+    queue.handle<{ n: number }>("t", (d) => {
+      got.push(d.n);
+    });
+    await runUntil(new KvQueueRunner(kv, queue), "two messages", () => got.length === 2);
+    assert.deepEqual(got.sort(), [1, 3]);
+  },
+);
+
+queueTest(
+  "KvQueue.enqueueMany(): a failed batch throws EnqueueManyError listing what was enqueued",
+  async (kv, prefix) => {
+    const queue = new KvQueue(kv, { prefix });
+    const items: unknown[] = Array.from({ length: 40 }, (_, i) => ({ i }));
+    items[33] = { i: 33, f: () => 33 };
+    const err = await queue.enqueueMany("t", items).then(() => null, (e) => e);
+    assert.ok(err instanceof EnqueueManyError, String(err));
+    const enqueued = new Set(err.enqueuedIds);
+    assert.ok(enqueued.size > 0 && enqueued.size < 40, `${enqueued.size} enqueued`);
+    const seen = new Set<string>();
+    queue.handle("t", (_d, msg) => {
+      seen.add(msg.id);
+    });
+    await runUntil(
+      new KvQueueRunner(kv, queue),
+      "the enqueued ones",
+      () => seen.size === enqueued.size,
+    );
+    await sleep(100);
+    assert.deepEqual([...seen].sort(), [...enqueued].sort());
+  },
+);
+
+queueTest(
+  "KvQueue: appends on one orderingKey from two clients while it runs: none lost, none twice, order kept",
+  async (kv, prefix) => {
+    const a = new KvQueue(kv, { prefix });
+    const b = new KvQueue(kv, { prefix });
+    const seen: string[] = [];
+    let running = 0;
+    let overlap = false;
+    a.handle<string>("o", async (name) => {
+      if (++running > 1) overlap = true;
+      seen.push(name);
+      await sleep(1);
+      running--;
+    });
+    const runner = new KvQueueRunner(kv, a, { concurrency: 8 });
+    const run = runner.run();
+    const produce = async (q: KvQueue, who: string) => {
+      for (let i = 0; i < 60; i++) await q.enqueue("o", `${who}${i}`, { orderingKey: "k" });
+    };
+    await Promise.all([produce(a, "a"), produce(b, "b")]);
+    await waitFor("120 messages", () => seen.length >= 120, { timeoutMs: 30_000 });
+    await runner.stop();
+    await run;
+    assert.equal(seen.length, 120);
+    assert.equal(new Set(seen).size, 120, "a message ran twice");
+    assert.equal(overlap, false, "two messages of one ordering key ran at once");
+    for (const who of ["a", "b"]) {
+      const mine = seen.filter((s) => s.startsWith(who)).map((s) => Number(s.slice(1)));
+      assert.deepEqual(mine, Array.from({ length: 60 }, (_, i) => i), `order of ${who}`);
+    }
+    await emptyQueue(a);
+  },
+);
+
+queueTest(
+  "KvQueueRunner: deliveries that never finished count; past the last attempt the message is dead unrun",
+  async (kv, prefix) => {
+    const queue = new KvQueue(kv, { prefix });
+    let calls = 0;
+    queue.handle("t", () => {
+      calls++;
+    });
+    await queue.enqueue("t", "lost twice", { maxAttempts: 2 });
+    // As if two workers had claimed it and died: its envelope counts 2 deliveries.
+    const [entry] = await Array.fromAsync(
+      kv.list<Record<string, unknown>>({ prefix: queue.keys.scheduleRoot() }),
+    );
+    await kv.atomic().check(entry).set(entry.key, { ...entry.value, n: 2 }).commit();
+    const runner = new KvQueueRunner(kv, queue);
+    const running = runner.run();
+    await waitFor("the dead letter", async () => (await queue.stats()).dead === 1);
+    await runner.stop();
+    await running;
+    assert.equal(calls, 0);
+    const [dead] = await queue.listDead();
+    assert.equal(dead.value, "lost twice");
+    assert.equal(dead.attempts, 2);
+    assert.match(dead.error, /no attempts left: 2 deliveries started and none finished/);
+  },
+);
+
+queueTest(
+  "KvQueueRunner: a message without a handler here goes back for another worker, uncounted",
+  async (kv, prefix) => {
+    const queue = new KvQueue(kv, { prefix });
+    const errors: unknown[] = [];
+    await queue.enqueue("new-type", 1);
+    const t0 = Date.now();
+    await runUntil(
+      new KvQueueRunner(kv, queue, { onError: (e) => errors.push(e) }),
+      "the error",
+      () => errors.length === 1,
+    );
+    assert.match(String(errors[0]), /NoHandler: no handler for message type "new-type" here/);
+    const [entry] = await Array.fromAsync(
+      kv.list<{ n: number; nh: number }>({ prefix: queue.keys.scheduleRoot() }),
+    );
+    assert.equal(entry.value.n, 0, "the bounce was counted as a delivery");
+    assert.equal(entry.value.nh, 1);
+    const due = entry.key.at(-2) as number;
+    assert.ok(due >= t0 + 4_000, `back in ${due - t0} ms`);
+    assert.equal((await queue.stats()).dead, 0);
+  },
+);
+
+queueTest(
+  "withQueues() and KvQueue on one database keep to their own messages by default",
+  async (raw) => {
+    const compat = withQueues(raw);
+    const typed = new KvQueue(raw);
+    const denoGot: unknown[] = [];
+    const typedGot: unknown[] = [];
+    typed.handle("email", (d) => {
+      typedGot.push(d);
+    });
+    const listening = compat.listenQueue((m) => {
+      denoGot.push(m);
+    });
+    const runner = new KvQueueRunner(raw, typed);
+    const running = runner.run();
+    await compat.enqueue("for listenQueue");
+    await typed.enqueue("email", "for the typed runner");
+    await waitFor("both", () => denoGot.length === 1 && typedGot.length === 1);
+    await sleep(200);
+    assert.deepEqual(denoGot, ["for listenQueue"]);
+    assert.deepEqual(typedGot, ["for the typed runner"]);
+    await runner.stop();
+    await running;
+    compat.close();
+    await listening;
+  },
+);
+
 // --- ordering keys ------------------------------------------------------------
 
 queueTest(
@@ -611,8 +779,10 @@ queueTest(
     assert.equal(maxPerKey, 1, "two messages of one ordering key ran at once");
     assert.ok(maxOverall >= 2, "different ordering keys never ran side by side");
     await emptyQueue(queue);
-    assert.deepEqual(await Array.fromAsync(kv.list({ prefix: [...prefix, "oq"] })), []);
-    assert.deepEqual(await Array.fromAsync(kv.list({ prefix: [...prefix, "oh"] })), []);
+    // Every line closed behind its last message.
+    for (const part of ["oq", "oo", "ol"]) {
+      assert.deepEqual(await Array.fromAsync(kv.list({ prefix: [...prefix, part] })), [], part);
+    }
   },
 );
 
@@ -716,6 +886,21 @@ Deno.test("KvQueue rejects invalid options naming the option and the value", asy
       name: "TypeError",
       message: '"idempotencyKey" must be a non-empty string: got ""',
     });
+    await assert.rejects(() => queue.enqueue("t", 1, { orderingKey: "k".repeat(1025) }), {
+      name: "RangeError",
+      message: '"orderingKey" must be at most 1024 bytes: got 1025 characters',
+    });
+    await assert.rejects(
+      () => queue.enqueue("t", 1, { keysIfUndelivered: [["ok"], ["bad", { x: 1 }]] as never }),
+      {
+        name: "TypeError",
+        message: '"keysIfUndelivered[1]" has a part that is not a KV key part: got [object Object]',
+      },
+    );
+    await assert.rejects(
+      () => queue.enqueue("t", 1, { keysIfUndelivered: [["long", "x".repeat(3000)]] }),
+      { name: "RangeError", message: /"keysIfUndelivered\[0\]" must be at most 2048 bytes/ },
+    );
     assert.throws(() => new KvQueueRunner(kv, queue, { concurrency: 0 }), {
       name: "RangeError",
       message: '"concurrency" must be >= 1: got 0',
