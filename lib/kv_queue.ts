@@ -15,13 +15,13 @@
  * | `[...P, "oo", okey]`      | present while the line of an ordering key has messages |
  * | `[...P, "ol", okey]`      | the last place given in that line (written by enqueues only) |
  * | `[...P, "oq", okey, seq]` | a message of that line, head included, by place  |
- * | `[...P, "d", id]`         | dead letter (type, attempts, error, times)       |
+ * | `[...P, "d", id]`         | dead letter (type, attempts, error, times, ordering key) |
  * | `[...P, "dv", id]`        | dead letter value                                |
  * | `[...P, "sig"]`           | bumped by enqueues, retries and releases; workers `watch` it |
  * | `[...P, "count"]`         | `Deno.KvU64` number of pending messages          |
  *
- * Every pending message has exactly one `"r"` entry, ordered by the time it
- * may next be taken. A claim moves that entry to the lease's expiry, with the
+ * Every pending message (but those waiting behind another of their ordering
+ * key) has exactly one `"r"` entry, ordered by the time it may next be taken. A claim moves that entry to the lease's expiry, with the
  * owner in its value, in one commit checked by versionstamp; renewals move it
  * again. So one ordered index answers "what is due", a crashed worker's
  * message comes back by itself when its lease runs out, and the versionstamp
