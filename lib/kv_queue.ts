@@ -511,11 +511,6 @@ export class KvQueue {
     this.#signalBytes = keyBytes(this.keys.signal()) + keyBytes(this.keys.count()) + 70;
   }
 
-  /** @internal What the signal and counter mutations add to a commit. */
-  get signalBytes(): number {
-    return this.#signalBytes;
-  }
-
   /** Registers the handler for messages of `type` (one per type). */
   handle<T = unknown>(type: string, handler: MessageHandler<T>): this {
     if (typeof type !== "string") {
@@ -721,14 +716,9 @@ export class KvQueue {
   async #commitGroup(
     group: { msg: Prepared; done: PromiseWithResolvers<Deno.KvCommitResult> }[],
   ): Promise<void> {
-    let res: Deno.KvCommitResult | Deno.KvCommitError;
+    let res: Deno.KvCommitResult;
     try {
-      // Values are serialized as they are added: a bad one throws here,
-      // before anything was sent.
-      const op = this.kv.atomic();
-      for (const { msg } of group) this.addTo(op, msg, false);
-      op.set(this.keys.signal(), group[0].msg.id).sum(this.keys.count(), BigInt(group.length));
-      res = await op.commit();
+      res = await this.#writeBatch(group.map((p) => p.msg));
     } catch (err) {
       // The client refuses oversized writes before sending them too.
       const unsent = err instanceof TypeError || err instanceof DOMException;
@@ -740,8 +730,23 @@ export class KvQueue {
       for (const { done } of group) done.reject(err);
       return;
     }
-    for (const { done } of group) done.resolve(res as Deno.KvCommitResult);
+    for (const { done } of group) done.resolve(res);
+  }
+
+  /**
+   * Writes messages without an ordering key or idempotency key (so without
+   * checks) in one commit, with one signal and one counter update, and wakes
+   * this process's runners. Values are serialized as they are added: one KV
+   * cannot store throws here, before anything was sent.
+   */
+  async #writeBatch(msgs: readonly Prepared[]): Promise<Deno.KvCommitResult> {
+    const op = this.kv.atomic();
+    for (const msg of msgs) this.addTo(op, msg, false);
+    const res = await op.set(this.keys.signal(), msgs[0].id)
+      .sum(this.keys.count(), BigInt(msgs.length))
+      .commit();
     this.wakeRunners();
+    return res as Deno.KvCommitResult;
   }
 
   /**
@@ -865,17 +870,10 @@ export class KvQueue {
       await this.checkBacklog(batch.length);
       if (orderingKey !== undefined) await this.#enqueueOrdered(orderingKey, batch);
       else {
-        try {
-          const op = this.kv.atomic();
-          for (const msg of batch) this.addTo(op, msg, false);
-          await op.set(this.keys.signal(), batch[0].id)
-            .sum(this.keys.count(), BigInt(batch.length))
-            .commit();
-        } catch (err) {
+        await this.#writeBatch(batch).catch((err) => {
           this.#unaccount(batch.length);
           throw err;
-        }
-        this.wakeRunners();
+        });
       }
       for (const m of batch) enqueued.add(m.id);
     };
@@ -1605,14 +1603,7 @@ export class KvQueueRunner {
       const delay = schedule.length === 0
         ? 0
         : schedule[Math.min(attempts - 1, schedule.length - 1)];
-      const due = Date.now() + delay;
-      const { o: _, ...unleased } = env;
-      // The signal tells idle workers elsewhere that something is due earlier.
-      await this.#fromHeld(held)
-        .set(k.schedule(due, held.id), unleased)
-        .set(k.signal(), held.id)
-        .commit();
-      return;
+      return await this.#putBack(held, Date.now() + delay);
     }
     const dead: Omit<DeadLetter, "value" | "id"> = {
       type: env.t,
@@ -1647,13 +1638,22 @@ export class KvQueueRunner {
    * Gives the message back: at once and not counted as a delivery (stop,
    * claimed after stop), or after `delayMs` with `nh` bounces (no handler).
    */
-  async #release(held: Held, delayMs = 0, nh?: number): Promise<void> {
+  #release(held: Held, delayMs = 0, nh?: number): Promise<void> {
+    const changes: Partial<Envelope> = { n: held.envelope.n - 1 };
+    if (nh !== undefined) changes.nh = nh;
+    return this.#putBack(held, Date.now() + delayMs, changes);
+  }
+
+  /**
+   * Moves a held message off its lease to `due` in the index, unowned, with
+   * `changes` to its envelope. The signal tells idle workers elsewhere that
+   * something is due earlier than they thought.
+   */
+  async #putBack(held: Held, due: number, changes: Partial<Envelope> = {}): Promise<void> {
     const k = this.queue.keys;
     const { o: _, ...unleased } = held.envelope;
-    const env: Envelope = { ...unleased, n: unleased.n - 1 };
-    if (nh !== undefined) env.nh = nh;
     await this.#fromHeld(held)
-      .set(k.schedule(Date.now() + delayMs, held.id), env)
+      .set(k.schedule(due, held.id), { ...unleased, ...changes })
       .set(k.signal(), held.id)
       .commit();
   }
