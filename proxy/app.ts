@@ -15,6 +15,7 @@ import { isAbsolute, join, sep } from "node:path";
 import {
   connectionTokens,
   HOP_BY_HOP,
+  positiveInteger,
   UnsendableRequest,
   Upstream,
   UpstreamError,
@@ -62,14 +63,6 @@ export interface ProxyOptions {
   fetch?: typeof fetch;
   /** Extra routes mounted by other parts of the product (e.g. `/status`). */
   extend?: (app: Hono) => void;
-}
-
-function positiveInteger(name: string, value: number | undefined, fallback: number): number {
-  if (value === undefined) return fallback;
-  if (!Number.isInteger(value) || value <= 0) {
-    throw new RangeError(`"${name}" must be a positive integer: got ${value}`);
-  }
-  return value;
 }
 
 /** Builds the proxy app; rejects bad options at construction. */
@@ -231,7 +224,9 @@ function forwarder(
     // (Hono's c.req.path is decoded: a %0D%0A in it would split the request).
     const url = req.url;
     const target = url.slice(url.indexOf("/", url.indexOf("//") + 2));
-    const path = c.req.path;
+    // Every decision below goes by that same raw path, without the query.
+    const query = target.indexOf("?");
+    const path = query < 0 ? target : target.slice(0, query);
     // The body is read whole (bodyLimit caps it): one write upstream costs far
     // less than a stream, and the timers below start once it is here.
     const body = new Uint8Array(await req.arrayBuffer());
@@ -248,7 +243,7 @@ function forwarder(
           body,
           timeoutMs: write ? timeouts.writeMs : timeouts.readMs,
           // A read may be sent again on a fresh connection; a write never is.
-          idempotent: target === "/" || target === "/v2/snapshot_read",
+          idempotent: path === "/" || path === "/v2/snapshot_read",
         });
       } catch (err) {
         if (err instanceof UnsendableRequest) return c.text(`Bad request: ${err.message}`, 400);

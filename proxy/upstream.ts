@@ -162,7 +162,12 @@ class ClosedEarly extends Error {
   }
 }
 
-function positive(name: string, value: number | undefined, fallback: number): number {
+/** `value`, or `fallback` when undefined; anything but a positive integer is a RangeError naming it. */
+export function positiveInteger(
+  name: string,
+  value: number | undefined,
+  fallback: number,
+): number {
   if (value === undefined) return fallback;
   if (!Number.isInteger(value) || value <= 0) {
     throw new RangeError(`"${name}" must be a positive integer: got ${value}`);
@@ -226,11 +231,11 @@ export class Upstream {
     this.hostname = url.hostname.replace(/^\[|\]$/g, "");
     this.port = Number(url.port || 80);
     this.#host = url.host;
-    this.timeoutMs = positive("timeoutMs", options.timeoutMs, 10_000);
-    this.#maxIdle = positive("maxIdle", options.maxIdle, 32);
-    this.#maxIdleMs = positive("maxIdleMs", options.maxIdleMs, 10_000);
-    this.#maxHeadBytes = positive("maxHeadBytes", options.maxHeadBytes, 64 * 1024);
-    this.#maxBodyBytes = positive("maxBodyBytes", options.maxBodyBytes, 128 * 1024 * 1024);
+    this.timeoutMs = positiveInteger("timeoutMs", options.timeoutMs, 10_000);
+    this.#maxIdle = positiveInteger("maxIdle", options.maxIdle, 32);
+    this.#maxIdleMs = positiveInteger("maxIdleMs", options.maxIdleMs, 10_000);
+    this.#maxHeadBytes = positiveInteger("maxHeadBytes", options.maxHeadBytes, 64 * 1024);
+    this.#maxBodyBytes = positiveInteger("maxBodyBytes", options.maxBodyBytes, 128 * 1024 * 1024);
   }
 
   /** Connections open now, idle or busy. */
