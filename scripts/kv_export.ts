@@ -11,12 +11,11 @@ import {
   fail,
   intOption,
   type KvLocation,
+  onlyLocation,
   openLocation,
-  parseLocation,
   parsePrefix,
   Progress,
   readPages,
-  tokenFor,
 } from "./kv_transfer.ts";
 
 const USAGE = `usage: kv-export [--prefix k1,k2]... [--token-env NAME] [--output FILE]
@@ -50,13 +49,7 @@ export function loadConfig(args: string[], env: Record<string, string>): ExportC
     console.log(USAGE);
     Deno.exit(0);
   }
-  if (positionals.length !== 1) {
-    throw new TypeError(
-      `expected one database (URL or path): got ${positionals.length}; see --help`,
-    );
-  }
-  const source = parseLocation(positionals[0]);
-  const token = tokenFor(source, env, values["token-env"]);
+  const { location: source, token } = onlyLocation(positionals, env, values["token-env"]);
   const prefixes = (values.prefix ?? []).map(parsePrefix);
   if (prefixes.length === 0) prefixes.push([]);
   return {

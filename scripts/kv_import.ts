@@ -14,10 +14,9 @@ import {
   MAX_GET_MANY,
   MAX_MUTATIONS,
   oneLine,
+  onlyLocation,
   openLocation,
-  parseLocation,
   Progress,
-  tokenFor,
   writeEntries,
 } from "./kv_transfer.ts";
 
@@ -52,13 +51,7 @@ export function loadConfig(args: string[], env: Record<string, string>): ImportC
     console.log(USAGE);
     Deno.exit(0);
   }
-  if (positionals.length !== 1) {
-    throw new TypeError(
-      `expected one database (URL or path): got ${positionals.length}; see --help`,
-    );
-  }
-  const dest = parseLocation(positionals[0]);
-  const token = tokenFor(dest, env, values["token-env"]);
+  const { location: dest, token } = onlyLocation(positionals, env, values["token-env"]);
   const progressMs = intOption("progress-ms", values["progress-ms"], 5000, 0);
   return {
     dest,

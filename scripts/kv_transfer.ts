@@ -358,6 +358,21 @@ export function tokenFor(
   return token;
 }
 
+/** The one database a single-database command (kv-export, kv-import) names, and its token. */
+export function onlyLocation(
+  positionals: string[],
+  env: Record<string, string>,
+  tokenEnv: string,
+): { location: KvLocation; token: string | undefined } {
+  if (positionals.length !== 1) {
+    throw new TypeError(
+      `expected one database (URL or path): got ${positionals.length}; see --help`,
+    );
+  }
+  const location = parseLocation(positionals[0]);
+  return { location, token: tokenFor(location, env, tokenEnv) };
+}
+
 /** Parses a `--prefix` value: a JSON array, or comma-separated string parts. */
 export function parsePrefix(text: string): Deno.KvKey {
   if (text.trim().startsWith("[")) {
