@@ -7,7 +7,7 @@ import { dirname, join } from "node:path";
 import { restoreReplica } from "../backup_check/replica.ts";
 import type { S3Config } from "../backup_check/config.ts";
 import { checkIntegrity, countRestoredEntries } from "../backup_check/verify.ts";
-import { generationAt, restorableRange, type RestorableRange } from "./replica_range.ts";
+import { generationAt, type RestorableRange, restorableRange } from "./replica_range.ts";
 
 /** What {@linkcode restoreAt} needs. */
 export interface RestoreAtOptions {
@@ -68,9 +68,7 @@ export function planRestore(range: RestorableRange, at: Date): RestorePlan {
   }
   const generation = generationAt(range, at);
   if (generation) return { generation: generation.id, timestamp: at };
-  const held = range.generations.map((g) =>
-    `${g.oldest.toISOString()}..${g.newest.toISOString()}`
-  );
+  const held = range.generations.map((g) => `${g.oldest.toISOString()}..${g.newest.toISOString()}`);
   throw new Error(
     `nothing restorable at ${at.toISOString()}: the replica holds ${
       held.length ? held.join(", ") : "no snapshot"
