@@ -6,6 +6,7 @@ import { fileURLToPath } from "node:url";
 import { isAbsolute, resolve } from "node:path";
 import { createApp } from "./app.ts";
 import { statusRoutes } from "./status.ts";
+import { type MetricsConfig, metricsConfig, ProxyMetrics } from "./metrics.ts";
 
 /** The proxy's validated configuration. */
 export interface ProxyConfig {
@@ -18,6 +19,7 @@ export interface ProxyConfig {
   accessLog: boolean;
   upstreamTimeoutMs: number;
   upstreamWriteTimeoutMs: number;
+  metrics: MetricsConfig;
 }
 
 function positiveMs(
@@ -63,6 +65,7 @@ export function loadConfig(env: Record<string, string | undefined>): ProxyConfig
     accessLog: env.ACCESS_LOG !== "off",
     upstreamTimeoutMs,
     upstreamWriteTimeoutMs,
+    metrics: metricsConfig(env),
   };
 }
 
@@ -100,15 +103,45 @@ export function bufferedLog(
 
 /** Serves the proxy with `config`; resolves when the server has shut down. */
 export function serveProxy(config: ProxyConfig): Deno.HttpServer {
+  const metrics = new ProxyMetrics({
+    denokvUrl: config.denokvUrl,
+    accessToken: config.accessToken,
+    dataDir: config.dataDir,
+    dbPath: config.metrics.dbPath,
+    s3: config.metrics.s3,
+    litestreamAddr: config.metrics.litestreamAddr,
+  });
+  const status = statusRoutes({ dataDir: config.dataDir, accessToken: config.accessToken });
   const app = createApp({
     denokvUrl: config.denokvUrl,
     libDir: config.libDir,
     accessToken: config.accessToken,
     upstreamTimeoutMs: config.upstreamTimeoutMs,
     upstreamWriteTimeoutMs: config.upstreamWriteTimeoutMs,
-    extend: statusRoutes({ dataDir: config.dataDir, accessToken: config.accessToken }),
+    extend: (app) => {
+      status(app);
+      metrics.routes()(app);
+    },
+    instrument: metrics.middleware(),
+    onUpstreamError: (path, timedOut) => metrics.upstreamError(path, timedOut),
     log: config.accessLog ? bufferedLog(Deno.stdout) : undefined,
   });
+  if (config.metrics.port !== 0) {
+    // Fly's [metrics] scraper reads this port over the private network; it is not public.
+    // Metrics must never keep KV from being served: a taken port is reported, not fatal.
+    try {
+      Deno.serve({
+        port: config.metrics.port,
+        hostname: config.metrics.hostname,
+        onListen: ({ hostname, port }) =>
+          console.log(`metrics on http://${hostname}:${port}/metrics (private)`),
+      }, metrics.privateHandler());
+    } catch (err) {
+      console.error(
+        `proxy: no private metrics listener: ${err instanceof Error ? err.message : err}`,
+      );
+    }
+  }
   return Deno.serve({
     port: config.port,
     hostname: config.hostname,
