@@ -7,6 +7,7 @@ import { isAbsolute, resolve } from "node:path";
 import { createApp } from "./app.ts";
 import { statusRoutes } from "./status.ts";
 import { type MetricsConfig, metricsConfig, ProxyMetrics } from "./metrics.ts";
+import { consoleRoutes, parseQueuePrefixes } from "./console/mod.tsx";
 
 /** The proxy's validated configuration. */
 export interface ProxyConfig {
@@ -20,6 +21,8 @@ export interface ProxyConfig {
   upstreamTimeoutMs: number;
   upstreamWriteTimeoutMs: number;
   metrics: MetricsConfig;
+  /** Extra queue prefixes the console shows (`QUEUE_PREFIXES`). */
+  queuePrefixes: Deno.KvKey[];
 }
 
 function positiveMs(
@@ -66,6 +69,7 @@ export function loadConfig(env: Record<string, string | undefined>): ProxyConfig
     upstreamTimeoutMs,
     upstreamWriteTimeoutMs,
     metrics: metricsConfig(env),
+    queuePrefixes: parseQueuePrefixes(env.QUEUE_PREFIXES),
   };
 }
 
@@ -121,6 +125,14 @@ export function serveProxy(config: ProxyConfig): Deno.HttpServer {
     extend: (app) => {
       status(app);
       metrics.routes()(app);
+      consoleRoutes({
+        accessToken: config.accessToken,
+        dataDir: config.dataDir,
+        metrics,
+        // Deno's remote KV client takes the token from DENO_KV_ACCESS_TOKEN, which is set.
+        openKv: () => Deno.openKv(config.denokvUrl),
+        queuePrefixes: config.queuePrefixes,
+      })(app);
     },
     instrument: metrics.middleware(),
     onUpstreamError: (path, timedOut) => metrics.upstreamError(path, timedOut),
