@@ -146,6 +146,9 @@ Deno.test({
       const res = await stack.task("rollback", ["--at", between.toISOString()]);
       assert.equal(res.code, 0, `${res.stdout}\n${res.stderr}\n${stack.supervisord.output}`);
       assert.match(res.stderr, /stopped denokv/);
+      const down = /answers again ([\d.]+) s after the stop/.exec(res.stderr);
+      assert(down, res.stderr);
+      console.log(`figure: rollback downtime (stop to denokv answering) ${down[1]} s`);
       assert.match(res.stdout, /previous database is kept in (\S+);/);
       const kept = /kept in (\S+);/.exec(res.stdout)![1];
 

@@ -143,6 +143,7 @@ export async function rollback(
     outPath: copyPath,
   });
   log(`restored and verified: ${copy.entries} entries, ${copy.integrity}`);
+  const stopAt = performance.now();
   try {
     await supervisorctl(config, "stop");
   } catch (err) {
@@ -173,7 +174,8 @@ export async function rollback(
   log(`swapped in; the previous database is kept in ${keptDir}`);
   await supervisorctl(config, "start");
   await waitForDenokv(config);
-  log(`started ${config.program}; denokv answers`);
+  const down = ((performance.now() - stopAt) / 1000).toFixed(1);
+  log(`started ${config.program}; denokv answers again ${down} s after the stop began`);
   return { keptDir, entries: copy.entries, generation: copy.generation };
 }
 
