@@ -138,22 +138,7 @@ export function serveProxy(config: ProxyConfig): Deno.HttpServer {
     onUpstreamError: (path, timedOut) => metrics.upstreamError(path, timedOut),
     log: config.accessLog ? bufferedLog(Deno.stdout) : undefined,
   });
-  if (config.metrics.port !== 0) {
-    // Fly's [metrics] scraper reads this port over the private network; it is not public.
-    // Metrics must never keep KV from being served: a taken port is reported, not fatal.
-    try {
-      Deno.serve({
-        port: config.metrics.port,
-        hostname: config.metrics.hostname,
-        onListen: ({ hostname, port }) =>
-          console.log(`metrics on http://${hostname}:${port}/metrics (private)`),
-      }, metrics.privateHandler());
-    } catch (err) {
-      console.error(
-        `proxy: no private metrics listener: ${err instanceof Error ? err.message : err}`,
-      );
-    }
-  }
+  metrics.servePrivate(config.metrics);
   return Deno.serve({
     port: config.port,
     hostname: config.hostname,

@@ -404,6 +404,29 @@ export class ProxyMetrics {
     };
   }
 
+  /**
+   * Serves the private `/metrics` listener for Fly's `[metrics]` scraper (not
+   * public: fly.toml's `[http_service]` does not expose it). Port 0: none.
+   * Metrics must never keep KV from being served, so a taken port is logged,
+   * not fatal.
+   */
+  servePrivate(config: { port: number; hostname: string }): Deno.HttpServer | undefined {
+    if (config.port === 0) return undefined;
+    try {
+      return Deno.serve({
+        port: config.port,
+        hostname: config.hostname,
+        onListen: ({ hostname, port }) =>
+          console.log(`metrics on http://${hostname}:${port}/metrics (private)`),
+      }, this.privateHandler());
+    } catch (err) {
+      console.error(
+        `proxy: no private metrics listener: ${err instanceof Error ? err.message : err}`,
+      );
+      return undefined;
+    }
+  }
+
   /** Adds `GET /metrics` behind the token (`Authorization: Bearer <token>`) to the public app. */
   routes(): (app: Hono) => void {
     return (app) => {
