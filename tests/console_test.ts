@@ -284,3 +284,34 @@ Deno.test({
     }
   },
 });
+
+Deno.test("encodeKey() and decodeKey() round-trip every key part type; parseKeyPrefix() reads typed parts", async () => {
+  const { decodeKey, encodeKey, parseKeyPrefix, formatKey } = await import(
+    "../proxy/console/kv_format.ts"
+  );
+  const key: Deno.KvKey = ["a/b+c", -1.5, 2n ** 70n, false, new Uint8Array([0, 255])];
+  const encoded = encodeKey(key);
+  assert.match(encoded, /^[A-Za-z0-9_-]+$/);
+  assert.deepEqual(decodeKey(encoded), key);
+  assert.deepEqual(parseKeyPrefix(`["users", 42, 7n, true, "a,\\"b"]`), [
+    "users",
+    42,
+    7n,
+    true,
+    `a,"b`,
+  ]);
+  assert.deepEqual(parseKeyPrefix(""), []);
+  assert.throws(() => parseKeyPrefix("[users]"), /a key prefix is a list of/);
+  assert.equal(formatKey(["x", 1, 2n]), `["x", 1, 2n]`);
+});
+
+Deno.test("LoginThrottle refuses a client's second attempt while its first is still waiting", async () => {
+  const { LoginThrottle } = await import("../proxy/console/session.ts");
+  const throttle = new LoginThrottle();
+  assert.equal(await throttle.attempt("c", () => false), false);
+  const slow = throttle.attempt("c", () => false); // waits THROTTLE_BASE_MS first
+  assert.equal(await throttle.attempt("c", () => true), undefined);
+  assert.equal(await throttle.attempt("other", () => true), true);
+  assert.equal(await slow, false);
+  assert.equal(throttle.delayMs("c"), 500);
+});

@@ -285,3 +285,26 @@ Deno.test({
     }
   },
 });
+
+Deno.test("ProxyMetrics.routes() accepts a token with ':', '!' and '#' (Hono's bearerAuth would not)", async () => {
+  const { Hono } = await import("hono");
+  const { ProxyMetrics } = await import("../proxy/metrics.ts");
+  const token = "tok:en!#with-specials";
+  const metrics = new ProxyMetrics({
+    denokvUrl: `http://127.0.0.1:${freePort()}`,
+    accessToken: token,
+    dataDir: "/nonexistent",
+    dbPath: "/nonexistent/denokv.sqlite",
+  });
+  const app = new Hono();
+  metrics.routes()(app);
+  const ok = await app.request("/metrics", { headers: { authorization: `Bearer ${token}` } });
+  assert.equal(ok.status, 200);
+  assert.match(await ok.text(), /^denokv_up 0$/m);
+  for (const wrong of [`Bearer ${token}x`, `Bearer ${token.slice(0, -1)}`, token, ""]) {
+    const res = await app.request("/metrics", { headers: { authorization: wrong } });
+    await res.body?.cancel();
+    assert.equal(res.status, 401, wrong);
+  }
+  metrics.close();
+});
