@@ -19,11 +19,11 @@ const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 async function writeReplicated(
   s3: FauxS3,
   prefix: string,
-  url: string,
+  stack: SupervisedStack,
   key: string,
 ): Promise<Date> {
   const before = new Set(await s3.keys(`${prefix}/`));
-  const kv = await openRemoteKv(url);
+  const kv = await openRemoteKv(stack.url);
   const at = new Date();
   try {
     assert((await kv.set(["pitr", key], `value ${key}`)).ok);
@@ -33,7 +33,9 @@ async function writeReplicated(
   await waitFor(`${key} to reach the bucket`, async () => {
     const keys = await s3.keys(`${prefix}/`);
     return keys.some((k) => !before.has(k) && /\/(wal|snapshots)\//.test(k));
-  }, { timeoutMs: 30_000, intervalMs: 100 });
+  }, { timeoutMs: 30_000, intervalMs: 100 }).catch((err) => {
+    throw new Error(`${err.message}\n--- supervisord output ---\n${stack.supervisord.output}`);
+  });
   return at;
 }
 
@@ -52,12 +54,12 @@ async function waitFirstSnapshot(s3: FauxS3, prefix: string): Promise<void> {
 /** Writes A, waits, notes a time, waits, writes B; returns the times. */
 async function writeAThenB(s3: FauxS3, prefix: string, stack: SupervisedStack) {
   await waitFirstSnapshot(s3, prefix);
-  const aAt = await writeReplicated(s3, prefix, stack.url, "A");
+  const aAt = await writeReplicated(s3, prefix, stack, "A");
   // Litestream's times are whole seconds: keep two of them on each side of `between`.
   await sleep(2_200);
   const between = new Date();
   await sleep(2_200);
-  const bAt = await writeReplicated(s3, prefix, stack.url, "B");
+  const bAt = await writeReplicated(s3, prefix, stack, "B");
   return { aAt, between, bAt };
 }
 

@@ -66,6 +66,8 @@ export const THROTTLE_BASE_MS = 250;
 export const THROTTLE_MAX_MS = 8_000;
 /** Failures older than this are forgotten. */
 const THROTTLE_FORGET_MS = 15 * 60 * 1000;
+/** Past this many clients, forgotten ones are dropped so guesses from many addresses cannot grow memory. */
+const THROTTLE_MAX_CLIENTS = 10_000;
 
 /**
  * Slows down token guessing per client: the answer to each attempt waits
@@ -74,6 +76,12 @@ const THROTTLE_FORGET_MS = 15 * 60 * 1000;
  */
 export class LoginThrottle {
   #clients = new Map<string, { failures: number; last: number; busy: boolean }>();
+
+  #forget(now: number): void {
+    for (const [client, state] of this.#clients) {
+      if (!state.busy && now - state.last > THROTTLE_FORGET_MS) this.#clients.delete(client);
+    }
+  }
 
   /** The wait before answering `client`'s next attempt. */
   delayMs(client: string, now = Date.now()): number {
@@ -91,6 +99,7 @@ export class LoginThrottle {
     let state = this.#clients.get(client);
     if (state?.busy) return undefined;
     if (!state || now - state.last > THROTTLE_FORGET_MS) {
+      if (this.#clients.size >= THROTTLE_MAX_CLIENTS) this.#forget(now);
       state = { failures: 0, last: now, busy: false };
       this.#clients.set(client, state);
     }
