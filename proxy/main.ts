@@ -23,6 +23,8 @@ export interface ProxyConfig {
   metrics: MetricsConfig;
   /** Extra queue prefixes the console shows (`QUEUE_PREFIXES`). */
   queuePrefixes: Deno.KvKey[];
+  /** On Fly (`FLY_APP_NAME` set) the edge's Fly-Client-IP names the client; elsewhere it is forgeable. */
+  behindFlyEdge: boolean;
 }
 
 function positiveMs(
@@ -70,6 +72,7 @@ export function loadConfig(env: Record<string, string | undefined>): ProxyConfig
     upstreamWriteTimeoutMs,
     metrics: metricsConfig(env),
     queuePrefixes: parseQueuePrefixes(env.QUEUE_PREFIXES),
+    behindFlyEdge: Boolean(env.FLY_APP_NAME),
   };
 }
 
@@ -132,6 +135,7 @@ export function serveProxy(config: ProxyConfig): Deno.HttpServer {
         // Deno's remote KV client takes the token from DENO_KV_ACCESS_TOKEN, which is set.
         openKv: () => Deno.openKv(config.denokvUrl),
         queuePrefixes: config.queuePrefixes,
+        trustFlyClientIp: config.behindFlyEdge,
       })(app);
     },
     instrument: metrics.middleware(),

@@ -44,6 +44,8 @@ export interface ConsoleOptions {
   openKv: () => Promise<Deno.Kv>;
   /** Extra queue prefixes (`QUEUE_PREFIXES`). */
   queuePrefixes?: Deno.KvKey[];
+  /** Take the client from Fly's `Fly-Client-IP` (only behind Fly's edge, which sets it). */
+  trustFlyClientIp?: boolean;
 }
 
 /** Parses `QUEUE_PREFIXES`: a JSON list of keys of strings and numbers, e.g. `[["jobs"]]`. */
@@ -102,9 +104,10 @@ async function readHistory(dataDir: string): Promise<CheckRecord[]> {
   return out;
 }
 
-function clientOf(c: Context): string {
-  // Fly's edge sets Fly-Client-IP; locally the socket's address is the client.
-  const fly = c.req.header("fly-client-ip");
+function clientOf(c: Context, trustFlyClientIp: boolean): string {
+  // Behind Fly every connection comes from the edge, which names the client in
+  // Fly-Client-IP; anywhere else that header is whatever the client sent.
+  const fly = trustFlyClientIp ? c.req.header("fly-client-ip") : undefined;
   if (fly) return fly;
   try {
     return getConnInfo(c).remote.address ?? "unknown";
@@ -172,7 +175,10 @@ export function consoleRoutes(opts: ConsoleOptions): (app: Hono) => void {
     app.post("/console/login", async (c) => {
       const form = await c.req.parseBody();
       const token = typeof form.token === "string" ? form.token : "";
-      const ok = await throttle.attempt(clientOf(c), () => tokenMatches(token, opts.accessToken));
+      const ok = await throttle.attempt(
+        clientOf(c, opts.trustFlyClientIp ?? false),
+        () => tokenMatches(token, opts.accessToken),
+      );
       if (ok === undefined) {
         return c.html(<LoginPage error="Another login attempt is still running: wait." />, 429);
       }
