@@ -34,6 +34,9 @@ export const USAGE_MINUTES = 180;
 export const DEFAULT_METRICS_PORT = 9091;
 /** Latency buckets in seconds: a read on loopback takes about a millisecond, a write a few. */
 const LATENCY_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10];
+/** Deno Deploy billed KV reads per 4 KiB read and writes per 1 KiB written. */
+const READ_UNIT_BYTES = 4096;
+const WRITE_UNIT_BYTES = 1024;
 /** How long the denokv probe of a scrape may take. */
 const PROBE_TIMEOUT_MS = 2_000;
 
@@ -48,6 +51,9 @@ export interface MinuteUsage {
   errors: number;
   bytesIn: number;
   bytesOut: number;
+  /** Deploy-style KV units: a read per started 4 KiB read, a write per started 1 KiB written. */
+  readUnits: number;
+  writeUnits: number;
   /** Sum and maximum of request latencies (ms), for the overview's chart. */
   latencyMsSum: number;
   latencyMsMax: number;
@@ -244,6 +250,8 @@ export class ProxyMetrics {
         errors: 0,
         bytesIn: 0,
         bytesOut: 0,
+        readUnits: 0,
+        writeUnits: 0,
         latencyMsSum: 0,
         latencyMsMax: 0,
       };
@@ -315,6 +323,11 @@ export class ProxyMetrics {
       else if (operation === "atomic_write") minute.writes++;
       else if (operation === "watch") minute.watches++;
       const length = res.headers.get("content-length");
+      if (res.status < 400 && operation === "snapshot_read") {
+        minute.readUnits += Math.max(1, Math.ceil((Number(length) || 0) / READ_UNIT_BYTES));
+      } else if (res.status < 400 && operation === "atomic_write") {
+        minute.writeUnits += Math.max(1, Math.ceil(bytesIn / WRITE_UNIT_BYTES));
+      }
       if (res.body && (operation === "watch" || length === null)) {
         c.res = new Response(this.#counted(operation, res.body), res);
       } else {
@@ -345,6 +358,8 @@ export class ProxyMetrics {
           errors: 0,
           bytesIn: 0,
           bytesOut: 0,
+          readUnits: 0,
+          writeUnits: 0,
           latencyMsSum: 0,
           latencyMsMax: 0,
         },

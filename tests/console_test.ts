@@ -252,6 +252,8 @@ Deno.test({
         return {
           reads: Number(await page.textContent("#total-reads")),
           writes: Number(await page.textContent("#total-writes")),
+          readUnits: Number(await page.textContent("#total-read-units")),
+          writeUnits: Number(await page.textContent("#total-write-units")),
         };
       };
       kv.current.close();

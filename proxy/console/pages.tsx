@@ -358,15 +358,19 @@ export function UsagePage(props: { csrf: string; usage: MinuteUsage[] }) {
       watches: t.watches + u.watches,
       bytesIn: t.bytesIn + u.bytesIn,
       bytesOut: t.bytesOut + u.bytesOut,
+      readUnits: t.readUnits + u.readUnits,
+      writeUnits: t.writeUnits + u.writeUnits,
     }),
-    { reads: 0, writes: 0, watches: 0, bytesIn: 0, bytesOut: 0 },
+    { reads: 0, writes: 0, watches: 0, bytesIn: 0, bytesOut: 0, readUnits: 0, writeUnits: 0 },
   );
   const minutes = usage.map((u) => u.minute / 1000);
   return (
     <Layout title="Usage" csrf={props.csrf} active="/console/usage" charts>
       <p class="muted">
         KV Connect traffic through this proxy since it started (at most the last hour): successful
-        reads (snapshot_read), writes (atomic_write) and watches, and body bytes in and out.
+        reads (snapshot_read), writes (atomic_write) and watches, body bytes in and out, and
+        Deploy-style KV units (a read unit per started 4 KiB of a read's answer, a write unit per
+        started 1 KiB of a write's request; KV Connect framing included, so estimates).
       </p>
       <div class="cards">
         <Card label="reads">
@@ -377,6 +381,12 @@ export function UsagePage(props: { csrf: string; usage: MinuteUsage[] }) {
         </Card>
         <Card label="watches">
           <span id="total-watches">{total.watches}</span>
+        </Card>
+        <Card label="read units (4 KiB)">
+          <span id="total-read-units">{total.readUnits}</span>
+        </Card>
+        <Card label="write units (1 KiB)">
+          <span id="total-write-units">{total.writeUnits}</span>
         </Card>
         <Card label="bytes in">
           <span id="total-bytes-in">{total.bytesIn}</span>
@@ -397,6 +407,8 @@ export function UsagePage(props: { csrf: string; usage: MinuteUsage[] }) {
           <th>reads</th>
           <th>writes</th>
           <th>watches</th>
+          <th>read units</th>
+          <th>write units</th>
           <th>bytes in</th>
           <th>bytes out</th>
         </tr>
@@ -406,6 +418,8 @@ export function UsagePage(props: { csrf: string; usage: MinuteUsage[] }) {
             <td>{u.reads}</td>
             <td>{u.writes}</td>
             <td>{u.watches}</td>
+            <td>{u.readUnits}</td>
+            <td>{u.writeUnits}</td>
             <td>{u.bytesIn}</td>
             <td>{u.bytesOut}</td>
           </tr>
