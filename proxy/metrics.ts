@@ -123,7 +123,26 @@ function statusClass(status: number): string {
   return `${Math.floor(status / 100)}xx`;
 }
 
-/** The metrics of one proxy process. */
+/**
+ * The metrics of one proxy process.
+ *
+ * @example
+ * ```ts
+ * import { Hono } from "hono";
+ * import { ProxyMetrics } from "./metrics.ts";
+ * const metrics = new ProxyMetrics({
+ *   denokvUrl: "http://127.0.0.1:9",
+ *   accessToken: "a-long-enough-token",
+ *   dataDir: "/nonexistent",
+ *   dbPath: "/nonexistent/denokv.sqlite",
+ * });
+ * const app = new Hono();
+ * metrics.routes()(app);
+ * const res = await app.request("/metrics");
+ * if (res.status !== 401) throw new Error(`expected 401 without the token, got ${res.status}`);
+ * metrics.close();
+ * ```
+ */
 export class ProxyMetrics {
   readonly registry: Registry = new Registry();
   #opts: MetricsOptions;

@@ -134,7 +134,32 @@ function LoginPage(props: { error?: string }) {
   );
 }
 
-/** Returns a function that mounts the console on an app. */
+/**
+ * Returns a function that mounts the console on an app.
+ *
+ * @example
+ * ```ts
+ * import { Hono } from "hono";
+ * import { ProxyMetrics } from "../metrics.ts";
+ * import { consoleRoutes } from "./mod.tsx";
+ * const metrics = new ProxyMetrics({
+ *   denokvUrl: "http://127.0.0.1:9",
+ *   accessToken: "a-long-enough-token",
+ *   dataDir: "/nonexistent",
+ *   dbPath: "/nonexistent/denokv.sqlite",
+ * });
+ * const app = new Hono();
+ * consoleRoutes({
+ *   accessToken: "a-long-enough-token",
+ *   dataDir: "/nonexistent",
+ *   metrics,
+ *   openKv: () => Deno.openKv(":memory:"),
+ * })(app);
+ * const res = await app.request("/console/data");
+ * if (res.headers.get("location") !== "/console/login") throw new Error("not sent to login");
+ * metrics.close();
+ * ```
+ */
 export function consoleRoutes(opts: ConsoleOptions): (app: Hono) => void {
   if (!opts.accessToken) throw new TypeError(`"accessToken" must be a non-empty string`);
   const sessions = new Sessions();
