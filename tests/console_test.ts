@@ -52,8 +52,11 @@ async function postLogin(
   return { status: res.status, ms: performance.now() - started };
 }
 
+/** Screenshots go to docs/ only when asked (`UPDATE_SCREENSHOTS=1`): a test run leaves the tree clean. */
+let shotDir = join(ROOT, "docs");
+
 async function shot(page: Page, name: string): Promise<void> {
-  await page.screenshot({ path: join(ROOT, "docs", `console-${name}.png`), fullPage: true });
+  await page.screenshot({ path: join(shotDir, `console-${name}.png`), fullPage: true });
 }
 
 /** The values the data browser must show, exactly, per type. */
@@ -82,6 +85,7 @@ Deno.test({
   async fn() {
     await using s3 = await startFauxS3();
     const dir = await Deno.makeTempDir({ prefix: "console-test-" });
+    if (Deno.env.get("UPDATE_SCREENSHOTS") !== "1") shotDir = dir;
     let browser: Browser | undefined;
     let runner: KvQueueRunner | undefined;
     const kv = { current: undefined as Deno.Kv | undefined };
