@@ -5,8 +5,6 @@
  * result and records it for `GET /status`. Exit 0 PASSED, 1 FAILED, 2 when the
  * report could not be delivered (it is then saved under `$DATA_DIR/reports/`).
  */
-// @ts-expect-error: @types/node 20 predates node:sqlite, which Deno 2 provides.
-import { DatabaseSync as UntypedDatabase } from "node:sqlite";
 import { join } from "node:path";
 import { type BackupCheckConfig, loadConfig } from "./backup_check/config.ts";
 import { appendHistory, type CheckRecord, type CheckRow } from "./backup_check/history.ts";
@@ -19,16 +17,7 @@ import {
   waitForUpload,
 } from "./backup_check/replica.ts";
 import { renderReport, saveReport, sendReport } from "./backup_check/report.ts";
-
-/** The part of node:sqlite's DatabaseSync the integrity step uses. */
-interface SqliteDatabase {
-  prepare(sql: string): { all(): Record<string, unknown>[] };
-  close(): void;
-}
-const DatabaseSync = UntypedDatabase as new (
-  path: string,
-  opts: { readOnly: boolean },
-) => SqliteDatabase;
+import { checkIntegrity, countRestoredEntries } from "./backup_check/verify.ts";
 
 /** Writes through denokv get this long before the check gives up on the server. */
 const KV_TIMEOUT_MS = 15_000;
@@ -89,22 +78,6 @@ async function countEntries(kv: Deno.Kv): Promise<number> {
   let n = 0;
   for await (const _ of kv.list({ prefix: [] }, { batchSize: LIVE_LIST_BATCH })) n++;
   return n;
-}
-
-/**
- * Counts live (unexpired) entries of a restored denokv file in SQL: listing
- * them through `Deno.openKv` costs about 90 MB more for 100,000 entries.
- */
-function countRestoredEntries(path: string): number {
-  const db = new DatabaseSync(path, { readOnly: true });
-  try {
-    const [row] = db.prepare(
-      `SELECT count(*) AS n FROM kv WHERE expiration_ms < 0 OR expiration_ms > ${Date.now()}`,
-    ).all();
-    return Number(row.n);
-  } finally {
-    db.close();
-  }
 }
 
 /** Runs one step, timing it and turning a throw into a failed row. */
@@ -217,21 +190,7 @@ export async function runBackupCheck(
     log("integrity");
     await step(rows, "integrity", () => {
       if (!restored) return Promise.resolve({ ok: false, detail: "skipped: nothing restored" });
-      const db = new DatabaseSync(restoredPath, { readOnly: true });
-      try {
-        const results: string[] = [];
-        for (const pragma of ["quick_check", "integrity_check"]) {
-          const rows = db.prepare(`PRAGMA ${pragma}`).all();
-          const values = rows.map((r) => String(Object.values(r)[0]));
-          results.push(`${pragma} ${values.slice(0, 3).join("; ")}`);
-          if (values.length !== 1 || values[0] !== "ok") {
-            return Promise.resolve({ ok: false, detail: results.join(", ") });
-          }
-        }
-        return Promise.resolve({ ok: true, detail: results.join(", ") });
-      } finally {
-        db.close();
-      }
+      return Promise.resolve(checkIntegrity(restoredPath));
     });
 
     log("contents");
