@@ -1,0 +1,112 @@
+/**
+ * The Deno-compatible face: {@linkcode withQueues} puts `enqueue`,
+ * `listenQueue` and `atomic().enqueue()` on a `Deno.Kv`.
+ *
+ * @module
+ */
+import { MAX_DELAY_MS } from "./limits.ts";
+import { checkInteger } from "./validate.ts";
+import { KvQueue } from "./producer.ts";
+import { KvQueueRunner, type KvQueueRunnerOptions } from "./runner.ts";
+import type { EnqueueOptions, KvQueueOptions } from "./types.ts";
+
+/** Options of {@linkcode withQueues}. */
+export interface WithQueuesOptions extends KvQueueOptions, Omit<KvQueueRunnerOptions, "dispatch"> {}
+
+/** Deno's enqueue options. */
+interface DenoEnqueueOptions {
+  delay?: number;
+  keysIfUndelivered?: Deno.KvKey[];
+  backoffSchedule?: number[];
+}
+
+const DENO_TYPE = "deno";
+
+function denoOptions(options: DenoEnqueueOptions | undefined): EnqueueOptions {
+  const o = options ?? {};
+  return {
+    delayMs: o.delay === undefined ? undefined : checkInteger("delay", o.delay, 0, MAX_DELAY_MS),
+    keysIfUndelivered: o.keysIfUndelivered,
+    backoffSchedule: o.backoffSchedule,
+  };
+}
+
+/**
+ * Returns `kv` with Deno Queues (`enqueue`, `listenQueue`, and
+ * `atomic().enqueue()`) implemented on plain KV atomics, so they work over KV
+ * Connect. The message is written in the same atomic commit as the other
+ * mutations, so nothing is enqueued when a check fails. Messages live under
+ * `["__kvq__", "deno"]` unless `prefix` says otherwise. `close()` stops the
+ * listeners (their `listenQueue` promises resolve) and closes `kv` once the
+ * final commits of finished handlers are in.
+ *
+ * @example
+ * ```ts
+ * import { withQueues } from "../kv_queue.ts";
+ * const kv = withQueues(await Deno.openKv(":memory:"));
+ * const got = Promise.withResolvers<unknown>();
+ * const listening = kv.listenQueue((msg) => got.resolve(msg));
+ * await kv.atomic().set(["balance"], 10).enqueue({ paid: 10 }).commit();
+ * const msg = await got.promise as { paid: number };
+ * if (msg.paid !== 10) throw new Error("wrong message");
+ * kv.close();
+ * await listening;
+ * ```
+ */
+export function withQueues(kv: Deno.Kv, options: WithQueuesOptions = {}): Deno.Kv {
+  const queue = new KvQueue(kv, { ...options, prefix: options.prefix ?? ["__kvq__", DENO_TYPE] });
+  const runners = new Set<KvQueueRunner>();
+  const patchAtomic = (op: Deno.AtomicOperation): Deno.AtomicOperation => {
+    let enqueued = 0;
+    op.enqueue = (value: unknown, o?: DenoEnqueueOptions) => {
+      queue.addTo(op, queue.prepare(DENO_TYPE, value, denoOptions(o)));
+      enqueued++;
+      return op;
+    };
+    const commit = op.commit.bind(op);
+    op.commit = async () => {
+      if (enqueued > 0) await queue.checkBacklog(enqueued);
+      const res = await commit();
+      if (res.ok && enqueued > 0) queue.wakeRunners();
+      return res;
+    };
+    return op;
+  };
+  const wrapped: Partial<Deno.Kv> = {
+    enqueue: async (value: unknown, o?: DenoEnqueueOptions) => {
+      const msg = queue.prepare(DENO_TYPE, value, denoOptions(o));
+      await queue.checkBacklog(1);
+      return await queue.groupCommit(msg);
+    },
+    listenQueue: (handler: (value: unknown) => Promise<void> | void) => {
+      const runner = new KvQueueRunner(kv, queue, {
+        ...options,
+        stopTimeoutMs: options.stopTimeoutMs ?? 0,
+        dispatch: (m) => handler(m.data),
+        dispatchType: DENO_TYPE,
+      });
+      runners.add(runner);
+      return runner.run().finally(() => runners.delete(runner));
+    },
+    atomic: () => patchAtomic(kv.atomic()),
+    close: () => {
+      const stopping = [...runners].map((r) => ({ r, stopped: r.stop() }));
+      const pending = stopping.filter(({ r }) => r.holding > 0);
+      if (pending.length === 0) return kv.close();
+      // Finished handlers' completions are still committing: close after them.
+      Promise.allSettled(pending.map((p) => p.stopped)).then(() => {
+        try {
+          kv.close();
+        } catch { /* closed by the caller meanwhile */ }
+      });
+    },
+  };
+  return new Proxy(kv, {
+    get(target, prop) {
+      if (Object.hasOwn(wrapped, prop)) return wrapped[prop as keyof Deno.Kv];
+      if (prop === Symbol.dispose) return () => wrapped.close!();
+      const v = Reflect.get(target, prop, target);
+      return typeof v === "function" ? v.bind(target) : v;
+    },
+  });
+}

@@ -1,0 +1,643 @@
+/**
+ * {@linkcode KvQueueRunner}: claims due messages under leases, runs handlers,
+ * renews, completes, retries and dead-letters.
+ *
+ * @module
+ */
+import {
+  CHECKS_PER_COMMIT,
+  DEFAULT_BACKOFF_SCHEDULE,
+  DEFAULT_LEASE_MS,
+  IDLE_RECHECK_MS,
+  MAX_DELAY_MS,
+  NO_HANDLER_DELAY_MS,
+  ORDERED_RETRIES,
+} from "./limits.ts";
+import {
+  type Envelope,
+  keyBytes,
+  maxAttemptsOf,
+  minus,
+  pack,
+  valueBytes,
+  type Waiting,
+} from "./envelope.ts";
+import { checkInteger, errorText } from "./validate.ts";
+import { dueOf, idOf } from "./keys.ts";
+import type { KvQueue } from "./producer.ts";
+import type { DeadLetter, QueueMessage } from "./types.ts";
+
+/** Messages whose handlers run in this process (across runners): never claimed twice here. */
+const RUNNING_HERE = new Set<string>();
+
+/** Options of {@linkcode KvQueueRunner}. */
+export interface KvQueueRunnerOptions {
+  /** Handlers running at once in this process. Default 16. */
+  concurrency?: number;
+  /** Lease time in ms; renewed every third of it. Default 30,000. */
+  leaseMs?: number;
+  /** How long `stop()` waits for running handlers before releasing them. Default 30,000. */
+  stopTimeoutMs?: number;
+  /**
+   * Called when a handler throws (the message is retried or dead-lettered),
+   * and when a message has no handler here (it goes back for another worker).
+   */
+  onError?: (error: unknown, message: QueueMessage) => void;
+  /** @internal Replaces per-type dispatch (used by `withQueues` and `fedify.ts`). */
+  dispatch?: (message: QueueMessage) => unknown | Promise<unknown>;
+  /** @internal With `dispatch`: the one message type it handles. */
+  dispatchType?: string;
+}
+
+/** A message this runner holds the lease of. */
+interface Held {
+  id: string;
+  envelope: Envelope;
+  value: unknown;
+  /** Its `"r"` key now (moved by every renewal) and the versionstamp that proves the lease. */
+  key: Deno.KvKey;
+  stamp: string;
+  /** True while its handler runs. */
+  running: boolean;
+  /** Set when a renewal found the lease taken over, or stop() gave it back. */
+  lost: boolean;
+  /** Aborts the handler's `message.signal` when the message is lost. */
+  abort: AbortController;
+}
+
+/** Thrown in place of a handler for a message claimed after `stop()`. */
+class StopSignal extends Error {}
+
+/** Thrown in place of a handler when this worker has none for the message's type. */
+class NoHandler extends Error {
+  override name = "NoHandler";
+}
+
+/** Waits for `promise`, or `ms` at most. */
+async function within(promise: Promise<unknown> | null, ms: number): Promise<void> {
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  await Promise.race([promise, new Promise((r) => timer = setTimeout(r, ms))]);
+  clearTimeout(timer);
+}
+
+/**
+ * Runs handlers registered on a {@linkcode KvQueue}: claims due messages with
+ * versionstamp-checked leases, renews them while handlers run, retries
+ * failures by the message's backoff schedule and dead-letters the rest.
+ * Wakes on `kv.watch` of the queue's signal key, on enqueues through the
+ * same `KvQueue`, or when the next delayed message or lease expiry it saw is
+ * due (and at least every minute when idle).
+ *
+ * @example
+ * ```ts
+ * import { KvQueue, KvQueueRunner } from "../kv_queue.ts";
+ * const kv = await Deno.openKv(":memory:");
+ * const queue = new KvQueue(kv);
+ * let seen = 0;
+ * queue.handle("tick", () => { seen++; });
+ * const runner = new KvQueueRunner(kv, queue, { concurrency: 4 });
+ * const running = runner.run();
+ * await queue.enqueueMany("tick", [1, 2, 3]);
+ * while (seen < 3) await new Promise((r) => setTimeout(r, 10));
+ * await runner.stop();
+ * await running;
+ * kv.close();
+ * ```
+ */
+export class KvQueueRunner {
+  readonly kv: Deno.Kv;
+  readonly queue: KvQueue;
+  readonly concurrency: number;
+  readonly leaseMs: number;
+  readonly stopTimeoutMs: number;
+  readonly #onError?: (error: unknown, message: QueueMessage) => void;
+  readonly #dispatch?: (message: QueueMessage) => unknown | Promise<unknown>;
+  readonly #dispatchType?: string;
+  /** Short: it is written into every leased envelope. */
+  readonly #owner = crypto.randomUUID().slice(0, 13);
+  /** Messages held, from claim until their final commit. */
+  readonly #held = new Map<string, { held: Held; done: Promise<void> }>();
+  /** Handlers running now; `concurrency` bounds this. */
+  #active = 0;
+  #running: Promise<void> | null = null;
+  #stopping = false;
+  #wakePending = false;
+  #wake: (() => void) | null = null;
+  #watch: ReadableStreamDefaultReader<Deno.KvEntryMaybe<unknown>[]> | null = null;
+  #completions: { held: Held; done: PromiseWithResolvers<void> }[] = [];
+  #flushScheduled = false;
+  readonly #waker = { wake: () => this.#poke() };
+
+  constructor(kv: Deno.Kv, queue: KvQueue, options: KvQueueRunnerOptions = {}) {
+    this.kv = kv;
+    this.queue = queue;
+    this.concurrency = checkInteger("concurrency", options.concurrency ?? 16, 1, 1000);
+    this.leaseMs = checkInteger("leaseMs", options.leaseMs ?? DEFAULT_LEASE_MS, 30, MAX_DELAY_MS);
+    this.stopTimeoutMs = checkInteger(
+      "stopTimeoutMs",
+      options.stopTimeoutMs ?? 30_000,
+      0,
+      MAX_DELAY_MS,
+    );
+    this.#onError = options.onError;
+    this.#dispatch = options.dispatch;
+    this.#dispatchType = options.dispatchType;
+  }
+
+  /** Number of handlers running now. */
+  get inFlight(): number {
+    return this.#active;
+  }
+
+  /** @internal Messages held, handlers running or final commits pending. */
+  get holding(): number {
+    return this.#held.size;
+  }
+
+  /**
+   * Processes messages until {@linkcode stop} is called; resolves once
+   * stopped. Called while a stop is under way, it starts again after it.
+   */
+  run(): Promise<void> {
+    if (this.#running) {
+      return this.#stopping ? this.#running.then(() => this.run()) : this.#running;
+    }
+    this.#stopping = false;
+    this.queue.attach(this.#waker);
+    this.#running = this.#loop().finally(() => {
+      this.queue.attach(this.#waker, false);
+      this.#running = null;
+    });
+    return this.#running;
+  }
+
+  /**
+   * Stops taking messages, waits up to `stopTimeoutMs` for running handlers
+   * (and their final commits), then releases the leases of those still
+   * running so other workers can take them at once; their `message.signal`
+   * aborts. This process never runs a message again while its old handler
+   * is still running.
+   */
+  async stop(): Promise<void> {
+    this.#stopping = true;
+    this.#poke();
+    // The loop may sit in a KV call the client retries while the server is
+    // unreachable: give it a moment to end, but do not wait for that.
+    await within(this.#running, 1_000);
+    await within(Promise.all([...this.#held.values()].map((h) => h.done)), this.stopTimeoutMs);
+    for (const { held } of this.#held.values()) {
+      if (!held.running || held.lost) continue;
+      this.#lose(held);
+      await this.#release(held).catch(() => {});
+    }
+    this.#held.clear();
+    await within(this.#running, Math.max(this.stopTimeoutMs, 1_000));
+  }
+
+  #poke(): void {
+    this.#wakePending = true;
+    const wake = this.#wake;
+    this.#wake = null;
+    wake?.();
+  }
+
+  #lose(held: Held): void {
+    held.lost = true;
+    held.abort.abort(new Error("the message's lease is no longer held by this worker"));
+  }
+
+  #startWatch(): void {
+    (async () => {
+      let pause = 100;
+      while (!this.#stopping) {
+        try {
+          const reader = this.kv.watch([this.queue.keys.signal()]).getReader();
+          this.#watch = reader;
+          while (!this.#stopping) {
+            const { done } = await reader.read();
+            if (done) break;
+            pause = 100;
+            this.#poke();
+          }
+        } catch {
+          // The server went away (restart, network): due-time timers still
+          // fire; re-open the watch with a growing pause.
+        }
+        if (this.#stopping) break;
+        await new Promise((r) => setTimeout(r, pause));
+        pause = Math.min(pause * 2, 5_000);
+        this.#poke();
+      }
+    })();
+  }
+
+  /** Free handler slots; completions still committing count half, so they cannot pile up. */
+  #free(): number {
+    return Math.min(this.concurrency - this.#active, 2 * this.concurrency - this.#held.size);
+  }
+
+  async #loop(): Promise<void> {
+    this.#startWatch();
+    try {
+      while (!this.#stopping) {
+        this.#wakePending = false;
+        let nextDue: number;
+        try {
+          nextDue = await this.#fill();
+        } catch {
+          // The server may be briefly unreachable; look again after a pause.
+          nextDue = Date.now() + 1000;
+        }
+        if (this.#stopping) break;
+        if (this.#wakePending) continue;
+        const wait = Math.min(nextDue - Date.now(), IDLE_RECHECK_MS);
+        const full = this.#free() <= 0;
+        if (wait <= 0 && !full) continue;
+        await new Promise<void>((resolve) => {
+          let timer: ReturnType<typeof setTimeout> | undefined;
+          this.#wake = () => {
+            clearTimeout(timer);
+            resolve();
+          };
+          // When full, a finishing handler pokes.
+          if (!full) timer = setTimeout(() => this.#poke(), Math.max(wait, 0) + 1);
+        });
+      }
+    } finally {
+      this.#wake = null;
+      // Not awaited: a watch stream may only notice the cancel at its next
+      // frame, and stopping must not wait for that.
+      this.#watch?.cancel().catch(() => {});
+      this.#watch = null;
+    }
+  }
+
+  /**
+   * Claims due messages until the slots are full or none is due, and returns
+   * when the earliest entry it saw but could not take yet is due. One list
+   * answers both: entries are ordered by due time.
+   */
+  async #fill(): Promise<number> {
+    const root = this.queue.keys.scheduleRoot();
+    while (!this.#stopping) {
+      const free = this.#free();
+      if (free <= 0) return Infinity;
+      const now = Date.now();
+      const due: Deno.KvEntry<Envelope>[] = [];
+      let nextDue = Infinity;
+      let listed = 0;
+      let ownExpired = false;
+      for await (
+        const e of this.kv.list<Envelope>({ prefix: root }, { limit: free, batchSize: free })
+      ) {
+        listed++;
+        const at = dueOf(e.key);
+        if (at > now) {
+          nextDue = at;
+          break;
+        }
+        // A lease that ran out while its handler still runs in this process
+        // (renewals failing, or released by a stop that timed out): leave it.
+        const id = idOf(e.key);
+        if (this.#held.has(id) || RUNNING_HERE.has(id)) ownExpired = true;
+        else due.push(e);
+      }
+      const lost = due.length > 0 && !await this.#claim(due, now);
+      if (this.#stopping) break;
+      // A lost race means another worker moved entries: look again at once.
+      if (lost) continue;
+      if (ownExpired) return Math.min(nextDue, Date.now() + 250);
+      if (listed === free && nextDue === Infinity) continue;
+      return nextDue;
+    }
+    return Infinity;
+  }
+
+  /** Estimated bytes of one claim: check, delete and a set of the moved envelope. */
+  #claimBytes(e: Deno.KvEntry<Envelope>): number {
+    return 3 * keyBytes(e.key) + valueBytes(e.value) + this.#owner.length + 50;
+  }
+
+  /** Claims `entries` in commits of up to ten; false if any of them was lost to another worker. */
+  async #claim(entries: Deno.KvEntry<Envelope>[], now: number): Promise<boolean> {
+    const groups = pack(entries, (e) => this.#claimBytes(e), 0, CHECKS_PER_COMMIT);
+    const results = await Promise.all(groups.map((group) => this.#claimGroup(group, now)));
+    return !results.includes(false);
+  }
+
+  async #claimGroup(
+    group: Deno.KvEntry<Envelope>[],
+    now: number,
+    read?: Promise<Map<string, unknown>>,
+  ): Promise<boolean> {
+    const k = this.queue.keys;
+    const until = now + this.leaseMs;
+    const op = this.kv.atomic();
+    const claimed = group.map((e) => {
+      const id = idOf(e.key);
+      const envelope: Envelope = {
+        ...e.value,
+        o: this.#owner,
+        n: e.value.n + 1,
+      };
+      const key = k.schedule(until, id);
+      op.check(e).delete(e.key).set(key, envelope);
+      return { id, envelope, key };
+    });
+    // The value never changes while the message is pending: read the ones
+    // not in their envelope alongside the claim instead of after it.
+    read ??= this.#readValues(claimed.filter((c) => !c.envelope.iv).map((c) => c.id));
+    const [res, values] = await Promise.all([op.commit(), read]);
+    if (!res.ok) {
+      if (group.length === 1) return false;
+      // Another worker took some of them: claim the rest one by one, or a
+      // worker taking one at a time from the head would starve this one.
+      const alone = await Promise.all(
+        group.map((e) => this.#claimGroup([e], now, Promise.resolve(values))),
+      );
+      return !alone.includes(false);
+    }
+    for (const c of claimed) {
+      const held: Held = {
+        ...c,
+        value: c.envelope.iv ? c.envelope.v : values.get(c.id),
+        stamp: res.versionstamp,
+        running: true,
+        lost: false,
+        abort: new AbortController(),
+      };
+      this.#active++;
+      RUNNING_HERE.add(c.id);
+      this.#held.set(c.id, { held, done: this.#runHandler(held) });
+    }
+    return true;
+  }
+
+  async #readValues(ids: string[]): Promise<Map<string, unknown>> {
+    const out = new Map<string, unknown>();
+    if (ids.length === 0) return out;
+    const entries = await this.kv.getMany(ids.map((id) => this.queue.keys.value(id)));
+    entries.forEach((e, i) => out.set(ids[i], e.value));
+    return out;
+  }
+
+  /** The handler for `type` here, if any. */
+  #handlerFor(type: string): ((message: QueueMessage) => unknown) | undefined {
+    if (this.#dispatch) {
+      const mine = this.#dispatchType === undefined || type === this.#dispatchType;
+      return mine ? this.#dispatch : undefined;
+    }
+    const handler = this.queue.handlerFor(type);
+    return handler && ((m: QueueMessage) => handler(m.data, m));
+  }
+
+  async #runHandler(held: Held): Promise<void> {
+    const env = held.envelope;
+    const message: QueueMessage = {
+      id: held.id,
+      type: env.t,
+      data: held.value,
+      attempt: env.n,
+      enqueuedAt: env.at,
+      signal: held.abort.signal,
+    };
+    // Renewals and the final commit are chained so they never race.
+    let chain: Promise<unknown> = Promise.resolve();
+    const renewTimer = setInterval(() => {
+      chain = chain.then(() => this.#renew(held)).catch(() => {});
+    }, Math.max(10, Math.floor(this.leaseMs / 3)));
+    let failure: unknown = null;
+    let failed = false;
+    try {
+      // Yield first so the claim loop keeps going while handlers start; a
+      // claim that landed after stop() gives the message straight back.
+      await Promise.resolve();
+      if (this.#stopping) throw new StopSignal();
+      const handler = this.#handlerFor(env.t);
+      if (!handler) {
+        throw new NoHandler(`no handler for message type ${JSON.stringify(env.t)} here`);
+      }
+      // Deliveries that never ended (a worker killed, a lease lost) count
+      // too: past the last attempt, the message is dead without running.
+      if (env.n > maxAttemptsOf(env)) {
+        throw new Error(
+          `no attempts left: ${
+            env.n - 1
+          } deliveries started and none finished (worker stopped or lease lost)`,
+        );
+      }
+      await handler(message);
+    } catch (err) {
+      failed = true;
+      failure = err;
+    }
+    clearInterval(renewTimer);
+    // The slot is free once the handler is done; the final commit runs
+    // beside the next claims.
+    held.running = false;
+    RUNNING_HERE.delete(held.id);
+    this.#active--;
+    this.#poke();
+    await chain;
+    try {
+      if (held.lost) return; // taken over, or released by stop()
+      if (failure instanceof StopSignal) await this.#release(held);
+      else if (!failed) await this.#complete(held);
+      else {
+        try {
+          this.#onError?.(failure, message);
+        } catch { /* a broken callback must not lose the message */ }
+        if (failure instanceof NoHandler) {
+          // Another worker may have the handler (a rolling deploy): back off.
+          const nh = env.nh ?? 0;
+          await this.#release(held, Math.min(NO_HANDLER_DELAY_MS * 2 ** nh, 3_600_000), nh + 1);
+        } else await this.#fail(held, failure);
+      }
+    } catch {
+      // Lost contact with the server: the lease expires and the message returns.
+    } finally {
+      this.#held.delete(held.id);
+      this.#poke();
+    }
+  }
+
+  /** Moves the entry to a new expiry; a failed check means another worker took over. */
+  async #renew(held: Held): Promise<void> {
+    if (held.lost) return;
+    const key = this.queue.keys.schedule(Date.now() + this.leaseMs, held.id);
+    const res = await this.#fromHeld(held).set(key, held.envelope).commit();
+    if (res.ok) {
+      held.key = key;
+      held.stamp = res.versionstamp;
+    } else this.#lose(held);
+  }
+
+  /** An atomic operation that proves the lease and takes the entry off the index. */
+  #fromHeld(held: Held, op: Deno.AtomicOperation = this.kv.atomic()): Deno.AtomicOperation {
+    return op.check({ key: held.key, versionstamp: held.stamp }).delete(held.key);
+  }
+
+  /** Adds what finishing `held` deletes, the entry itself included. */
+  #addFinish(op: Deno.AtomicOperation, held: Held): Deno.AtomicOperation {
+    this.#fromHeld(held, op);
+    if (!held.envelope.iv) op.delete(this.queue.keys.value(held.id));
+    const idem = held.envelope.ik;
+    if (idem !== undefined) op.delete(this.queue.keys.idempotency(idem));
+    return op;
+  }
+
+  /** Estimated bytes of one completion in a shared commit. */
+  #finishBytes(held: Held): number {
+    const idem = held.envelope.ik;
+    return 2 * keyBytes(held.key) + 36 +
+      (held.envelope.iv ? 0 : keyBytes(this.queue.keys.value(held.id)) + 8) +
+      (idem === undefined ? 0 : keyBytes(this.queue.keys.idempotency(idem)) + 10);
+  }
+
+  /** Completions that finish together share one commit (fewer writes per message). */
+  #complete(held: Held): Promise<void> {
+    if (held.envelope.ok !== undefined) return this.#finishOrdered(held, () => {});
+    const done = Promise.withResolvers<void>();
+    this.#completions.push({ held, done });
+    if (!this.#flushScheduled) {
+      this.#flushScheduled = true;
+      setTimeout(() => this.#flushCompletions(), 0);
+    }
+    return done.promise;
+  }
+
+  #flushCompletions(): void {
+    this.#flushScheduled = false;
+    const pending = this.#completions;
+    this.#completions = [];
+    const count = this.queue.keys.count();
+    const fixed = keyBytes(count) + 26;
+    for (const group of pack(pending, (p) => this.#finishBytes(p.held), fixed, CHECKS_PER_COMMIT)) {
+      (async () => {
+        try {
+          if (group.length > 1) {
+            const op = this.kv.atomic();
+            for (const { held } of group) this.#addFinish(op, held);
+            if ((await op.sum(count, minus(group.length)).commit()).ok) {
+              for (const { done } of group) done.resolve();
+              return;
+            }
+          }
+          // A lost lease in the group: commit each alone so the others still finish.
+          await Promise.all(group.map(async ({ held, done }) => {
+            try {
+              await this.#addFinish(this.kv.atomic(), held).sum(count, minus(1)).commit();
+              done.resolve();
+            } catch (err) {
+              done.reject(err);
+            }
+          }));
+        } catch (err) {
+          for (const { done } of group) done.reject(err);
+        }
+      })();
+    }
+  }
+
+  /**
+   * Finishes the head of an ordering key's line: schedules the next message
+   * in it (no check on the line needed: appends only add places after it),
+   * or, when there is none, closes the line, checked against the line's last
+   * place so that an append in the meantime makes it look again.
+   */
+  async #finishOrdered(held: Held, extra: (op: Deno.AtomicOperation) => void): Promise<void> {
+    const k = this.queue.keys;
+    const orderingKey = held.envelope.ok!;
+    const seq = held.envelope.seq!;
+    for (let attempt = 0; attempt < ORDERED_RETRIES; attempt++) {
+      // The last place first, then the next message: an append after the
+      // first read fails the close's check. (In the other order an append
+      // between the reads would pass it and be stranded.)
+      const last = await this.kv.get<number>(k.lineLast(orderingKey));
+      const after = await Array.fromAsync(this.kv.list<Waiting>({
+        prefix: k.waitingIn(orderingKey),
+        start: k.waiting(orderingKey, seq + 1),
+      }, { limit: 1 }));
+      const next = after[0] ?? null;
+      const op = this.#addFinish(this.kv.atomic(), held)
+        .delete(k.waiting(orderingKey, seq))
+        .sum(k.count(), minus(1));
+      extra(op);
+      if (next !== null) {
+        const w = next.value;
+        op.set(k.schedule(w.due, w.id), w.envelope).set(k.signal(), w.id);
+      } else {
+        op.check(last).delete(k.lineLast(orderingKey)).delete(k.lineOpen(orderingKey));
+      }
+      if ((await op.commit()).ok) return;
+      const mine = await this.kv.get(held.key);
+      if (mine.versionstamp !== held.stamp) return; // the lease was taken over
+    }
+    throw new Error(`completion: the line of ${JSON.stringify(orderingKey)} kept changing`);
+  }
+
+  async #fail(held: Held, error: unknown): Promise<void> {
+    const k = this.queue.keys;
+    const env = held.envelope;
+    const attempts = env.n;
+    const max = maxAttemptsOf(env);
+    if (attempts < max) {
+      const schedule = env.b ?? DEFAULT_BACKOFF_SCHEDULE;
+      const delay = schedule.length === 0
+        ? 0
+        : schedule[Math.min(attempts - 1, schedule.length - 1)];
+      return await this.#putBack(held, Date.now() + delay);
+    }
+    const dead: Omit<DeadLetter, "value" | "id"> = {
+      type: env.t,
+      attempts: Math.min(attempts, max),
+      error: errorText(error).slice(0, 2000),
+      failedAt: Date.now(),
+      enqueuedAt: env.at,
+    };
+    if (env.ok !== undefined) dead.orderingKey = env.ok;
+    const bury = (withKeys: boolean) => (op: Deno.AtomicOperation) => {
+      if (withKeys) { for (const key of env.u ?? []) op.set(key, held.value); }
+      op.set(k.dead(held.id), dead).set(k.deadValue(held.id), held.value);
+    };
+    const finish = (withKeys: boolean) => {
+      if (env.ok !== undefined) return this.#finishOrdered(held, bury(withKeys));
+      const op = this.#addFinish(this.kv.atomic(), held).sum(k.count(), minus(1));
+      bury(withKeys)(op);
+      return op.commit();
+    };
+    try {
+      await finish(true);
+    } catch (err) {
+      // keysIfUndelivered the client refuses must not keep the message alive
+      // for ever: bury it without them, and say so.
+      if (!(err instanceof TypeError) || !env.u?.length) throw err;
+      dead.error = `${dead.error.slice(0, 1500)} (keysIfUndelivered not written: ${err.message})`;
+      await finish(false);
+    }
+  }
+
+  /**
+   * Gives the message back: at once and not counted as a delivery (stop,
+   * claimed after stop), or after `delayMs` with `nh` bounces (no handler).
+   */
+  #release(held: Held, delayMs = 0, nh?: number): Promise<void> {
+    const changes: Partial<Envelope> = { n: held.envelope.n - 1 };
+    if (nh !== undefined) changes.nh = nh;
+    return this.#putBack(held, Date.now() + delayMs, changes);
+  }
+
+  /**
+   * Moves a held message off its lease to `due` in the index, unowned, with
+   * `changes` to its envelope. The signal tells idle workers elsewhere that
+   * something is due earlier than they thought.
+   */
+  async #putBack(held: Held, due: number, changes: Partial<Envelope> = {}): Promise<void> {
+    const k = this.queue.keys;
+    const { o: _, ...unleased } = held.envelope;
+    await this.#fromHeld(held)
+      .set(k.schedule(due, held.id), { ...unleased, ...changes })
+      .set(k.signal(), held.id)
+      .commit();
+  }
+}
