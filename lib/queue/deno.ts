@@ -4,7 +4,7 @@
  *
  * @module
  */
-import { MAX_DELAY_MS } from "./limits.ts";
+import { CHECKS_PER_COMMIT, MAX_DELAY_MS } from "./limits.ts";
 import { checkInteger } from "./validate.ts";
 import { KvQueue } from "./producer.ts";
 import { KvQueueRunner, type KvQueueRunnerOptions } from "./runner.ts";
@@ -58,16 +58,32 @@ export function withQueues(kv: Deno.Kv, options: WithQueuesOptions = {}): Deno.K
   const runners = new Set<KvQueueRunner>();
   const patchAtomic = (op: Deno.AtomicOperation): Deno.AtomicOperation => {
     let enqueued = 0;
+    let firstId: string | undefined;
+    let checks = 0;
+    const check = op.check.bind(op);
+    op.check = (...entries: Deno.AtomicCheck[]) => {
+      checks += entries.length;
+      check(...entries);
+      return op;
+    };
     op.enqueue = (value: unknown, o?: DenoEnqueueOptions) => {
-      queue.addTo(op, queue.prepare(DENO_TYPE, value, denoOptions(o)));
+      const msg = queue.prepare(DENO_TYPE, value, denoOptions(o));
+      queue.addTo(op, msg);
+      firstId ??= msg.id;
       enqueued++;
       return op;
     };
     const commit = op.commit.bind(op);
     op.commit = async () => {
-      if (enqueued > 0) await queue.checkBacklog(enqueued);
-      const res = await commit();
-      if (res.ok && enqueued > 0) queue.wakeRunners();
+      if (enqueued === 0) return await commit();
+      await queue.checkBacklog(enqueued);
+      // The receipt makes a re-sent commit fail instead of enqueueing twice;
+      // it needs one of denokv's 10 checks, so a commit using all of them
+      // goes without (its own checks then decide what a re-send does).
+      if (checks >= CHECKS_PER_COMMIT) return await commit();
+      queue.addReceipt(op, firstId!);
+      const res = await queue.commitEnqueue({ commit }, firstId!);
+      if (res.ok) queue.wakeRunners();
       return res;
     };
     return op;

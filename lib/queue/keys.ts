@@ -14,6 +14,7 @@
  * | `[...P, "oq", okey, seq]` | a message of that line, head included, by place  |
  * | `[...P, "d", id]`         | dead letter (type, attempts, error, times, ordering key) |
  * | `[...P, "dv", id]`        | dead letter value                                |
+ * | `[...P, "e", id]`        | receipt of the enqueue commit whose first message is `id`, kept `RECEIPT_MS` (see `exact.ts`) |
  * | `[...P, "sig"]`           | bumped by enqueues, retries and releases; workers `watch` it |
  * | `[...P, "count"]`         | `Deno.KvU64` number of pending messages          |
  *
@@ -73,6 +74,10 @@ export class Keys {
   }
   deadValue(id: string): Deno.KvKey {
     return [...this.prefix, "dv", id];
+  }
+  /** Written (with `expireIn`) by the commit that enqueued `id`: a re-send of it fails its check. */
+  receipt(id: string): Deno.KvKey {
+    return [...this.prefix, "e", id];
   }
   signal(): Deno.KvKey {
     return [...this.prefix, "sig"];

@@ -62,3 +62,10 @@ export const IDLE_RECHECK_MS = 60_000;
  * as a delivery.
  */
 export const NO_HANDLER_DELAY_MS = 5_000;
+/**
+ * How long an enqueue's receipt is kept: a re-send of that commit arriving
+ * later than this (after its message completed) would enqueue it again. The
+ * client re-sends while the server is unreachable, so a day covers any outage
+ * the client itself survives in practice.
+ */
+export const RECEIPT_MS = 24 * 60 * 60 * 1000;

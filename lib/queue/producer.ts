@@ -12,7 +12,9 @@ import {
   MAX_DELAY_MS,
   MAX_KEYS_IF_UNDELIVERED,
   ORDERED_RETRIES,
+  RECEIPT_MS,
 } from "./limits.ts";
+import { commitExact } from "./exact.ts";
 import {
   chunks,
   type Envelope,
@@ -85,7 +87,9 @@ export class KvQueue {
       Number.MAX_SAFE_INTEGER,
     );
     this.keys = new Keys(this.prefix);
-    this.#signalBytes = keyBytes(this.keys.signal()) + keyBytes(this.keys.count()) + 70;
+    // The signal, the counter and the receipt's check and set.
+    this.#signalBytes = keyBytes(this.keys.signal()) + keyBytes(this.keys.count()) +
+      2 * keyBytes(this.keys.receipt(newId())) + 110;
   }
 
   /** Registers the handler for messages of `type` (one per type). */
@@ -187,6 +191,24 @@ export class KvQueue {
   }
 
   /**
+   * @internal Adds the receipt of an enqueue commit whose first message is
+   * `id`: a check that it does not exist yet, and the receipt itself. A
+   * re-send of the commit fails that check, even after the messages completed.
+   */
+  addReceipt(op: Deno.AtomicOperation, id: string): Deno.AtomicOperation {
+    const key = this.keys.receipt(id);
+    return op.check({ key, versionstamp: null }).set(key, 1, { expireIn: RECEIPT_MS });
+  }
+
+  /** @internal Commits an enqueue that carries the receipt of `id`, exact under re-sends. */
+  commitEnqueue(
+    op: Pick<Deno.AtomicOperation, "commit">,
+    id: string,
+  ): Promise<Deno.KvCommitResult | Deno.KvCommitError> {
+    return commitExact(op, async () => (await this.kv.get(this.keys.receipt(id))).versionstamp);
+  }
+
+  /**
    * @internal Throws a `RangeError` when `adding` more messages would pass
    * the backlog limit. Reading the counter on every enqueue would double its
    * cost; a short cache plus local increments keeps the limit close enough.
@@ -250,7 +272,10 @@ export class KvQueue {
     }
     let res: Deno.KvCommitResult | Deno.KvCommitError;
     try {
-      res = await this.addTo(this.kv.atomic(), msg).commit();
+      res = await this.commitEnqueue(
+        this.addReceipt(this.addTo(this.kv.atomic(), msg), msg.id),
+        msg.id,
+      );
     } catch (err) {
       this.#unaccount(1);
       throw err;
@@ -319,9 +344,10 @@ export class KvQueue {
   async #writeBatch(msgs: readonly Prepared[]): Promise<Deno.KvCommitResult> {
     const op = this.kv.atomic();
     for (const msg of msgs) this.addTo(op, msg, false);
-    const res = await op.set(this.keys.signal(), msgs[0].id)
-      .sum(this.keys.count(), BigInt(msgs.length))
-      .commit();
+    op.set(this.keys.signal(), msgs[0].id).sum(this.keys.count(), BigInt(msgs.length));
+    const res = await this.commitEnqueue(this.addReceipt(op, msgs[0].id), msgs[0].id);
+    // Only the receipt is checked, and only a first application can pass it.
+    if (!res.ok) throw new Error("enqueue: the commit's receipt existed before it was sent");
     this.wakeRunners();
     return res as Deno.KvCommitResult;
   }
@@ -389,7 +415,8 @@ export class KvQueue {
           .set(k.idempotency(idem), msgs[0].id);
       }
       extra?.(op);
-      if ((await op.commit()).ok) {
+      this.addReceipt(op, msgs[0].id);
+      if ((await this.commitEnqueue(op, msgs[0].id)).ok) {
         this.wakeRunners();
         return msgs.map((m) => m.id);
       }
@@ -585,7 +612,8 @@ export class KvQueue {
       );
       return ids === null ? null : ids[0];
     }
-    const res = await takeLetter(this.addTo(this.kv.atomic(), msg)).commit();
+    const op = takeLetter(this.addReceipt(this.addTo(this.kv.atomic(), msg), msg.id));
+    const res = await this.commitEnqueue(op, msg.id);
     if (!res.ok) {
       this.#unaccount(1);
       return null;

@@ -23,9 +23,28 @@ import {
   type Waiting,
 } from "./envelope.ts";
 import { checkInteger, errorText } from "./validate.ts";
+import { commitExact } from "./exact.ts";
 import { dueOf, idOf } from "./keys.ts";
 import type { KvQueue } from "./producer.ts";
 import type { DeadLetter, QueueMessage } from "./types.ts";
+
+/** Most entries one claim round lists (spread times free slots). */
+const MAX_LIST = 200;
+/** Largest claim spread: enough to keep a few dozen runners mostly apart. */
+const MAX_SPREAD = 16;
+/** Clean claim rounds after which a runner narrows its spread by one. */
+const SPREAD_DECAY_AFTER = 8;
+
+/**
+ * `n` of `entries`, every `entries.length / n`-th from a random offset: the
+ * whole list when it is short enough, else an even spread over it.
+ */
+function pick<T>(entries: T[], n: number): T[] {
+  if (entries.length <= n) return entries;
+  const step = entries.length / n;
+  const offset = Math.random() * step;
+  return Array.from({ length: n }, (_, i) => entries[Math.floor(offset + i * step)]);
+}
 
 /** Messages whose handlers run in this process (across runners): never claimed twice here. */
 const RUNNING_HERE = new Set<string>();
@@ -122,6 +141,9 @@ export class KvQueueRunner {
   #running: Promise<void> | null = null;
   #stopping = false;
   #wakePending = false;
+  /** How far this runner spreads its claims over the due entries (see #fill). */
+  #spread = 1;
+  #cleanClaims = 0;
   #wake: (() => void) | null = null;
   #watch: ReadableStreamDefaultReader<Deno.KvEntryMaybe<unknown>[]> | null = null;
   #completions: { held: Held; done: PromiseWithResolvers<void> }[] = [];
@@ -276,6 +298,14 @@ export class KvQueueRunner {
    * Claims due messages until the slots are full or none is due, and returns
    * when the earliest entry it saw but could not take yet is due. One list
    * answers both: entries are ordered by due time.
+   *
+   * Runners that all took the first due entries would fight over them (one
+   * wins, the others' commits fail). So a runner that lost a race spreads
+   * out: it lists `spread` times as many due entries as it has free slots and
+   * claims every `spread`-th from a random offset, so concurrent runners
+   * mostly take different entries. Spread doubles on each lost race (up to
+   * `MAX_SPREAD`) and shrinks after a run of clean claims; a runner alone
+   * stays at 1 and takes entries in due order.
    */
   async #fill(): Promise<number> {
     const root = this.queue.keys.scheduleRoot();
@@ -287,9 +317,8 @@ export class KvQueueRunner {
       let nextDue = Infinity;
       let listed = 0;
       let ownExpired = false;
-      for await (
-        const e of this.kv.list<Envelope>({ prefix: root }, { limit: free, batchSize: free })
-      ) {
+      const limit = Math.min(free * this.#spread, MAX_LIST);
+      for await (const e of this.kv.list<Envelope>({ prefix: root }, { limit, batchSize: limit })) {
         listed++;
         const at = dueOf(e.key);
         if (at > now) {
@@ -302,12 +331,20 @@ export class KvQueueRunner {
         if (this.#held.has(id) || RUNNING_HERE.has(id)) ownExpired = true;
         else due.push(e);
       }
-      const lost = due.length > 0 && !await this.#claim(due, now);
+      const lost = due.length > 0 && !await this.#claim(pick(due, free), now);
       if (this.#stopping) break;
-      // A lost race means another worker moved entries: look again at once.
-      if (lost) continue;
+      if (lost) {
+        // Another worker moved entries: spread out and look again at once.
+        this.#spread = Math.min(this.#spread * 2, MAX_SPREAD);
+        this.#cleanClaims = 0;
+        continue;
+      }
+      if (due.length > 0 && ++this.#cleanClaims >= SPREAD_DECAY_AFTER && this.#spread > 1) {
+        this.#spread--;
+        this.#cleanClaims = 0;
+      }
       if (ownExpired) return Math.min(nextDue, Date.now() + 250);
-      if (listed === free && nextDue === Infinity) continue;
+      if (listed === limit && nextDue === Infinity) continue;
       return nextDue;
     }
     return Infinity;
@@ -325,11 +362,13 @@ export class KvQueueRunner {
     return !results.includes(false);
   }
 
-  async #claimGroup(
-    group: Deno.KvEntry<Envelope>[],
-    now: number,
-    read?: Promise<Map<string, unknown>>,
-  ): Promise<boolean> {
+  /**
+   * Claims `group` in one commit checked by the entries' versionstamps. A
+   * claim that went in but was reported lost (a re-sent commit whose second
+   * copy failed its checks, or a lost answer) is recognised by the moved
+   * entries carrying this runner's mark and the attempt it wrote.
+   */
+  async #claimGroup(group: Deno.KvEntry<Envelope>[], now: number): Promise<boolean> {
     const k = this.queue.keys;
     const until = now + this.leaseMs;
     const op = this.kv.atomic();
@@ -346,17 +385,12 @@ export class KvQueueRunner {
     });
     // The value never changes while the message is pending: read the ones
     // not in their envelope alongside the claim instead of after it.
-    read ??= this.#readValues(claimed.filter((c) => !c.envelope.iv).map((c) => c.id));
-    const [res, values] = await Promise.all([op.commit(), read]);
-    if (!res.ok) {
-      if (group.length === 1) return false;
-      // Another worker took some of them: claim the rest one by one, or a
-      // worker taking one at a time from the head would starve this one.
-      const alone = await Promise.all(
-        group.map((e) => this.#claimGroup([e], now, Promise.resolve(values))),
-      );
-      return !alone.includes(false);
-    }
+    const read = this.#readValues(claimed.filter((c) => !c.envelope.iv).map((c) => c.id));
+    const [res, values] = await Promise.all([
+      commitExact(op, () => this.#ownedStamp(claimed)),
+      read,
+    ]);
+    if (!res.ok) return false;
     for (const c of claimed) {
       const held: Held = {
         ...c,
@@ -371,6 +405,21 @@ export class KvQueueRunner {
       this.#held.set(c.id, { held, done: this.#runHandler(held) });
     }
     return true;
+  }
+
+  /**
+   * The versionstamp of the entries at `keys` if every one carries this
+   * runner's mark with the attempt count in `envelope`: the commit that
+   * wrote them was ours.
+   */
+  async #ownedStamp(
+    moved: readonly { key: Deno.KvKey; envelope: Envelope }[],
+  ): Promise<string | null> {
+    const entries = await this.kv.getMany<Envelope[]>(moved.map((m) => m.key));
+    const ours = entries.every((e, i) =>
+      e.value?.o === this.#owner && e.value.n === moved[i].envelope.n
+    );
+    return ours ? entries[0].versionstamp : null;
   }
 
   async #readValues(ids: string[]): Promise<Map<string, unknown>> {
@@ -465,7 +514,8 @@ export class KvQueueRunner {
   async #renew(held: Held): Promise<void> {
     if (held.lost) return;
     const key = this.queue.keys.schedule(Date.now() + this.leaseMs, held.id);
-    const res = await this.#fromHeld(held).set(key, held.envelope).commit();
+    const op = this.#fromHeld(held).set(key, held.envelope);
+    const res = await commitExact(op, () => this.#ownedStamp([{ key, envelope: held.envelope }]));
     if (res.ok) {
       held.key = key;
       held.stamp = res.versionstamp;
