@@ -4,32 +4,16 @@
  *
  * @module
  */
-import { CHECKS_PER_COMMIT, MAX_DELAY_MS } from "./limits.ts";
-import { checkInteger } from "./validate.ts";
+import { CHECKS_PER_COMMIT } from "./limits.ts";
+import { type DenoEnqueueOptions, denoOptions } from "./deno_options.ts";
 import { KvQueue } from "./producer.ts";
 import { KvQueueRunner, type KvQueueRunnerOptions } from "./runner.ts";
-import type { EnqueueOptions, KvQueueOptions } from "./types.ts";
+import type { KvQueueOptions } from "./types.ts";
 
 /** Options of {@linkcode withQueues}. */
 export interface WithQueuesOptions extends KvQueueOptions, Omit<KvQueueRunnerOptions, "dispatch"> {}
 
-/** Deno's enqueue options. */
-interface DenoEnqueueOptions {
-  delay?: number;
-  keysIfUndelivered?: Deno.KvKey[];
-  backoffSchedule?: number[];
-}
-
 const DENO_TYPE = "deno";
-
-function denoOptions(options: DenoEnqueueOptions | undefined): EnqueueOptions {
-  const o = options ?? {};
-  return {
-    delayMs: o.delay === undefined ? undefined : checkInteger("delay", o.delay, 0, MAX_DELAY_MS),
-    keysIfUndelivered: o.keysIfUndelivered,
-    backoffSchedule: o.backoffSchedule,
-  };
-}
 
 /**
  * Returns `kv` with Deno Queues (`enqueue`, `listenQueue`, and
@@ -67,7 +51,7 @@ export function withQueues(kv: Deno.Kv, options: WithQueuesOptions = {}): Deno.K
       return op;
     };
     op.enqueue = (value: unknown, o?: DenoEnqueueOptions) => {
-      const msg = queue.prepare(DENO_TYPE, value, denoOptions(o));
+      const msg = queue.prepare(DENO_TYPE, value, denoOptions(o), Date.now(), true);
       queue.addTo(op, msg);
       firstId ??= msg.id;
       enqueued++;
@@ -90,7 +74,7 @@ export function withQueues(kv: Deno.Kv, options: WithQueuesOptions = {}): Deno.K
   };
   const wrapped: Partial<Deno.Kv> = {
     enqueue: async (value: unknown, o?: DenoEnqueueOptions) => {
-      const msg = queue.prepare(DENO_TYPE, value, denoOptions(o));
+      const msg = queue.prepare(DENO_TYPE, value, denoOptions(o), Date.now(), true);
       await queue.checkBacklog(1);
       return await queue.groupCommit(msg);
     },
@@ -98,7 +82,16 @@ export function withQueues(kv: Deno.Kv, options: WithQueuesOptions = {}): Deno.K
       const runner = new KvQueueRunner(kv, queue, {
         ...options,
         stopTimeoutMs: options.stopTimeoutMs ?? 0,
-        dispatch: (m) => handler(m.data),
+        dispatch: async (m) => {
+          try {
+            await handler(m.data);
+          } catch (error) {
+            // Deno prints each failed delivery this way (ext/kv/01_db.ts);
+            // an onError given here hears of it instead.
+            if (!options.onError) console.error("Exception in queue handler", error);
+            throw error;
+          }
+        },
         dispatchType: DENO_TYPE,
       });
       runners.add(runner);

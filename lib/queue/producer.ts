@@ -121,7 +121,14 @@ export class KvQueue {
   }
 
   /** @internal Validates options and builds a message. */
-  prepare(type: string, value: unknown, options: EnqueueOptions = {}, now = Date.now()): Prepared {
+  prepare(
+    type: string,
+    value: unknown,
+    options: EnqueueOptions = {},
+    now = Date.now(),
+    /** Deno's rules (the Deno face): any number of `keysIfUndelivered`. */
+    denoRules = false,
+  ): Prepared {
     if (typeof type !== "string") {
       throw new TypeError(`"type" must be a string: got ${describe(type)}`);
     }
@@ -143,7 +150,7 @@ export class KvQueue {
     if (!Array.isArray(keys)) {
       throw new TypeError(`"keysIfUndelivered" must be an array of keys: got ${describe(keys)}`);
     }
-    if (keys.length > MAX_KEYS_IF_UNDELIVERED) {
+    if (!denoRules && keys.length > MAX_KEYS_IF_UNDELIVERED) {
       throw new RangeError(
         `"keysIfUndelivered" must have <= ${MAX_KEYS_IF_UNDELIVERED} keys: got ${keys.length}`,
       );

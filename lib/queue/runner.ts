@@ -10,10 +10,13 @@ import {
   DEFAULT_LEASE_MS,
   IDLE_RECHECK_MS,
   MAX_DELAY_MS,
+  MAX_KEYS_IF_UNDELIVERED,
   NO_HANDLER_DELAY_MS,
   ORDERED_RETRIES,
+  REQUEST_BUDGET_BYTES,
 } from "./limits.ts";
 import {
+  chunks,
   type Envelope,
   keyBytes,
   maxAttemptsOf,
@@ -30,8 +33,14 @@ import type { DeadLetter, QueueMessage } from "./types.ts";
 
 /** Most entries one claim round lists (spread times free slots). */
 const MAX_LIST = 200;
+/**
+ * Under a backlog, completions wait this long to share a commit with those of
+ * the next claim round; the handler's slot is free already, so only the
+ * lease is held a little longer.
+ */
+const COMPLETION_WINDOW_MS = 10;
 /** Largest claim spread: enough to keep a few dozen runners mostly apart. */
-const MAX_SPREAD = 16;
+const MAX_SPREAD = 8;
 /** Clean claim rounds after which a runner narrows its spread by one. */
 const SPREAD_DECAY_AFTER = 8;
 
@@ -144,6 +153,10 @@ export class KvQueueRunner {
   /** How far this runner spreads its claims over the due entries (see #fill). */
   #spread = 1;
   #cleanClaims = 0;
+  /** True while more is due than this runner has slots for (its last list was all due). */
+  #backlog = false;
+  /** Claims that fit one commit, from the size of the last entry claimed. */
+  #perCommit = 1;
   #wake: (() => void) | null = null;
   #watch: ReadableStreamDefaultReader<Deno.KvEntryMaybe<unknown>[]> | null = null;
   #completions: { held: Held; done: PromiseWithResolvers<void> }[] = [];
@@ -253,6 +266,16 @@ export class KvQueueRunner {
     })();
   }
 
+  /**
+   * Free slots worth a claim round. Under a backlog a runner waits for a
+   * claim commit's worth of free slots (as many claims as fit the request
+   * budget) instead of claiming one at a time as handlers end: fewer, fuller
+   * claim commits per message.
+   */
+  #minFill(): number {
+    return this.#backlog ? Math.min(this.#perCommit, this.concurrency) : 1;
+  }
+
   /** Free handler slots; completions still committing count half, so they cannot pile up. */
   #free(): number {
     return Math.min(this.concurrency - this.#active, 2 * this.concurrency - this.#held.size);
@@ -273,7 +296,7 @@ export class KvQueueRunner {
         if (this.#stopping) break;
         if (this.#wakePending) continue;
         const wait = Math.min(nextDue - Date.now(), IDLE_RECHECK_MS);
-        const full = this.#free() <= 0;
+        const full = this.#free() < this.#minFill();
         if (wait <= 0 && !full) continue;
         await new Promise<void>((resolve) => {
           let timer: ReturnType<typeof setTimeout> | undefined;
@@ -311,7 +334,7 @@ export class KvQueueRunner {
     const root = this.queue.keys.scheduleRoot();
     while (!this.#stopping) {
       const free = this.#free();
-      if (free <= 0) return Infinity;
+      if (free < this.#minFill()) return Infinity;
       const now = Date.now();
       const due: Deno.KvEntry<Envelope>[] = [];
       let nextDue = Infinity;
@@ -331,6 +354,12 @@ export class KvQueueRunner {
         if (this.#held.has(id) || RUNNING_HERE.has(id)) ownExpired = true;
         else due.push(e);
       }
+      if (due.length > 0) {
+        this.#perCommit = Math.max(
+          1,
+          Math.min(CHECKS_PER_COMMIT, Math.floor(REQUEST_BUDGET_BYTES / this.#claimBytes(due[0]))),
+        );
+      }
       const lost = due.length > 0 && !await this.#claim(pick(due, free), now);
       if (this.#stopping) break;
       if (lost) {
@@ -344,7 +373,11 @@ export class KvQueueRunner {
         this.#cleanClaims = 0;
       }
       if (ownExpired) return Math.min(nextDue, Date.now() + 250);
-      if (listed === limit && nextDue === Infinity) continue;
+      if (listed === limit && nextDue === Infinity) {
+        this.#backlog = true;
+        continue;
+      }
+      this.#backlog = false;
       return nextDue;
     }
     return Infinity;
@@ -551,7 +584,7 @@ export class KvQueueRunner {
     this.#completions.push({ held, done });
     if (!this.#flushScheduled) {
       this.#flushScheduled = true;
-      setTimeout(() => this.#flushCompletions(), 0);
+      setTimeout(() => this.#flushCompletions(), this.#backlog ? COMPLETION_WINDOW_MS : 0);
     }
     return done.promise;
   }
@@ -646,8 +679,13 @@ export class KvQueueRunner {
       enqueuedAt: env.at,
     };
     if (env.ok !== undefined) dead.orderingKey = env.ok;
+    // Deno allows any number of keysIfUndelivered: past what one commit may
+    // hold, they are written first, a commit's worth at a time (sets, so a
+    // second worker doing it again after a lost lease changes nothing).
+    const allKeys = env.u ?? [];
+    const early = allKeys.length > MAX_KEYS_IF_UNDELIVERED ? allKeys : [];
     const bury = (withKeys: boolean) => (op: Deno.AtomicOperation) => {
-      if (withKeys) { for (const key of env.u ?? []) op.set(key, held.value); }
+      if (withKeys && early.length === 0) { for (const key of allKeys) op.set(key, held.value); }
       op.set(k.dead(held.id), dead).set(k.deadValue(held.id), held.value);
     };
     const finish = (withKeys: boolean) => {
@@ -657,6 +695,11 @@ export class KvQueueRunner {
       return op.commit();
     };
     try {
+      for (const part of chunks(early, MAX_KEYS_IF_UNDELIVERED)) {
+        const op = this.kv.atomic();
+        for (const key of part) op.set(key, held.value);
+        await op.commit();
+      }
       await finish(true);
     } catch (err) {
       // keysIfUndelivered the client refuses must not keep the message alive
