@@ -31,6 +31,8 @@ import { dueOf, idOf } from "./keys.ts";
 import type { KvQueue } from "./producer.ts";
 import type { DeadLetter, QueueMessage } from "./types.ts";
 
+/** The longest delay `setTimeout` takes (a signed 32-bit count of ms). */
+const MAX_TIMER_MS = 2 ** 31 - 1;
 /** Most entries one claim round lists (spread times free slots). */
 const MAX_LIST = 200;
 /**
@@ -104,7 +106,19 @@ class NoHandler extends Error {
 /** Waits for `promise`, or `ms` at most. */
 async function within(promise: Promise<unknown> | null, ms: number): Promise<void> {
   let timer: ReturnType<typeof setTimeout> | undefined;
-  await Promise.race([promise, new Promise((r) => timer = setTimeout(r, ms))]);
+  let done = false;
+  // Timers take at most 2^31-1 ms (a longer one fires at once): wait in steps.
+  const elapsed = new Promise<void>((resolve) => {
+    const until = Date.now() + ms;
+    const step = () => {
+      const left = until - Date.now();
+      if (done || left <= 0) return resolve();
+      timer = setTimeout(step, Math.min(left, MAX_TIMER_MS));
+    };
+    step();
+  });
+  await Promise.race([promise, elapsed]);
+  done = true;
   clearTimeout(timer);
 }
 
