@@ -38,7 +38,12 @@ const DENO_TYPE = "deno";
  * ```
  */
 export function withQueues(kv: Deno.Kv, options: WithQueuesOptions = {}): Deno.Kv {
-  const queue = new KvQueue(kv, { ...options, prefix: options.prefix ?? ["__kvq__", DENO_TYPE] });
+  const queue = new KvQueue(kv, {
+    ...options,
+    prefix: options.prefix ?? ["__kvq__", DENO_TYPE],
+    // Deno keeps nothing of an undelivered message but keysIfUndelivered.
+    deadLetterRetentionMs: options.deadLetterRetentionMs ?? 0,
+  });
   const runners = new Set<KvQueueRunner>();
   const patchAtomic = (op: Deno.AtomicOperation): Deno.AtomicOperation => {
     let enqueued = 0;

@@ -14,6 +14,8 @@
  * | `[...P, "oq", okey, seq]` | a message of that line, head included, by place  |
  * | `[...P, "d", id]`         | dead letter (type, attempts, error, times, ordering key) |
  * | `[...P, "dv", id]`        | dead letter value                                |
+ * | `[...P, "dx", failedAt, id]` | dead letters by failure time (retention sweep)  |
+ * | `[...P, "deadCount"]`     | `Deno.KvU64` number of dead letters              |
  * | `[...P, "e", id]`        | receipt of the enqueue commit whose first message is `id`, kept `RECEIPT_MS` (see `exact.ts`) |
  * | `[...P, "sig"]`           | bumped by enqueues, retries and releases; workers `watch` it |
  * | `[...P, "count"]`         | `Deno.KvU64` number of pending messages          |
@@ -74,6 +76,17 @@ export class Keys {
   }
   deadValue(id: string): Deno.KvKey {
     return [...this.prefix, "dv", id];
+  }
+  /** Dead letters by failure time, for the retention sweep. */
+  deadIndex(failedAt: number, id: string): Deno.KvKey {
+    return [...this.prefix, "dx", failedAt, id];
+  }
+  deadIndexRoot(): Deno.KvKey {
+    return [...this.prefix, "dx"];
+  }
+  /** `Deno.KvU64` number of dead letters. */
+  deadCount(): Deno.KvKey {
+    return [...this.prefix, "deadCount"];
   }
   /** Written (with `expireIn`) by the commit that enqueued `id`: a re-send of it fails its check. */
   receipt(id: string): Deno.KvKey {

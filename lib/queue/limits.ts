@@ -69,3 +69,9 @@ export const NO_HANDLER_DELAY_MS = 5_000;
  * the client itself survives in practice.
  */
 export const RECEIPT_MS = 24 * 60 * 60 * 1000;
+/** Dead letters are kept this long by default (the typed API and Fedify's queue): three days. */
+export const DEFAULT_DEAD_LETTER_RETENTION_MS = 3 * 24 * 60 * 60 * 1000;
+/** Index entries `stats()` reads at most to split pending into ready, delayed and running. */
+export const STATS_SAMPLE = 1000;
+/** A runner sweeps expired dead letters at most this often. */
+export const DEAD_SWEEP_MS = 60_000;

@@ -6,6 +6,7 @@
  */
 import {
   DEFAULT_BACKLOG_LIMIT,
+  DEFAULT_DEAD_LETTER_RETENTION_MS,
   ENQUEUE_BATCH,
   ENQUEUE_MANY_IN_FLIGHT,
   INLINE_VALUE_BYTES,
@@ -20,6 +21,7 @@ import {
   type Envelope,
   keyBytes,
   maxAttemptsOf,
+  minus,
   newId,
   pack,
   type Prepared,
@@ -27,7 +29,8 @@ import {
   valueBytes,
 } from "./envelope.ts";
 import { checkInteger, checkKey, checkName, describe } from "./validate.ts";
-import { dueOf, idOf, Keys } from "./keys.ts";
+import { idOf, Keys } from "./keys.ts";
+import { purgeDeadLetters, queueStats, sweepDeadLetters } from "./admin.ts";
 import {
   type DeadLetter,
   EnqueueManyError,
@@ -61,6 +64,8 @@ export class KvQueue {
   readonly kv: Deno.Kv;
   readonly prefix: Deno.KvKey;
   readonly backlogLimit: number;
+  /** How long dead letters are kept (0: none are kept; `keysIfUndelivered` still get the value). */
+  readonly deadLetterRetentionMs: number;
   /** @internal */
   readonly keys: Keys;
   readonly #handlers = new Map<string, MessageHandler<never>>();
@@ -84,6 +89,12 @@ export class KvQueue {
       "backlogLimit",
       options.backlogLimit ?? DEFAULT_BACKLOG_LIMIT,
       1,
+      Number.MAX_SAFE_INTEGER,
+    );
+    this.deadLetterRetentionMs = checkInteger(
+      "deadLetterRetentionMs",
+      options.deadLetterRetentionMs ?? DEFAULT_DEAD_LETTER_RETENTION_MS,
+      0,
       Number.MAX_SAFE_INTEGER,
     );
     this.keys = new Keys(this.prefix);
@@ -272,7 +283,7 @@ export class KvQueue {
     const msg = this.prepare(type, data, options);
     await this.checkBacklog(1);
     const { ik: idempotencyKey, ok: orderingKey } = msg.envelope;
-    if (orderingKey !== undefined) return (await this.#enqueueOrdered(orderingKey, [msg]))![0];
+    if (orderingKey !== undefined) return (await this.enqueueOrdered(orderingKey, [msg]))![0];
     if (idempotencyKey === undefined) {
       await this.groupCommit(msg);
       return msg.id;
@@ -369,7 +380,8 @@ export class KvQueue {
    * one. `extra` adds mutations to the same commit; when that commit fails,
    * `stillValid` says whether to try again (false: give up, return null).
    */
-  #enqueueOrdered(
+  /** @internal */
+  enqueueOrdered(
     orderingKey: string,
     msgs: Prepared[],
     extra?: (op: Deno.AtomicOperation) => void,
@@ -479,7 +491,7 @@ export class KvQueue {
     const enqueued = new Set<string>();
     const commit = async (batch: Prepared[]) => {
       await this.checkBacklog(batch.length);
-      if (orderingKey !== undefined) await this.#enqueueOrdered(orderingKey, batch);
+      if (orderingKey !== undefined) await this.enqueueOrdered(orderingKey, batch);
       else {
         await this.#writeBatch(batch).catch((err) => {
           this.#unaccount(batch.length);
@@ -514,9 +526,10 @@ export class KvQueue {
   }
 
   /**
-   * Counts of ready, delayed, running (leased) and dead messages. It reads
-   * every pending message's small envelope (not its value), so it costs one
-   * list of the queue's size.
+   * Counts of ready, delayed, running (leased) and dead messages. The totals
+   * (`pending`, `dead`) are exact counters (one read); the split of pending
+   * into ready, delayed and running comes from at most
+   * `STATS_SAMPLE` index entries in due order (see `admin.ts`).
    *
    * @example
    * ```ts
@@ -530,25 +543,8 @@ export class KvQueue {
    * kv.close();
    * ```
    */
-  async stats(): Promise<QueueStats> {
-    const now = Date.now();
-    let ready = 0;
-    let delayed = 0;
-    let running = 0;
-    let heads = 0;
-    for await (const e of this.kv.list<Envelope>({ prefix: this.keys.scheduleRoot() })) {
-      const due = dueOf(e.key);
-      if (e.value.o !== undefined && due > now) running++;
-      else if (due <= now) ready++;
-      else delayed++;
-      if (e.value.ok !== undefined) heads++;
-    }
-    let inLines = 0;
-    for await (const _ of this.kv.list({ prefix: this.keys.waitingRoot() })) inLines++;
-    let dead = 0;
-    for await (const _ of this.kv.list({ prefix: this.keys.deadRoot() })) dead++;
-    // Each line's head is also in "r"; the rest of a line waits for its turn.
-    return { ready, delayed: delayed + inLines - heads, running, dead };
+  stats(): Promise<QueueStats> {
+    return queueStats(this);
   }
 
   /**
@@ -608,10 +604,11 @@ export class KvQueue {
     });
     await this.checkBacklog(1);
     const takeLetter = (op: Deno.AtomicOperation) =>
-      op.check(d).delete(k.dead(id)).delete(k.deadValue(id));
+      op.check(d).delete(k.dead(id)).delete(k.deadValue(id))
+        .delete(k.deadIndex(d.value!.failedAt, id)).sum(k.deadCount(), minus(1));
     const orderingKey = msg.envelope.ok;
     if (orderingKey !== undefined) {
-      const ids = await this.#enqueueOrdered(
+      const ids = await this.enqueueOrdered(
         orderingKey,
         [msg],
         takeLetter,
@@ -641,20 +638,16 @@ export class KvQueue {
    * kv.close();
    * ```
    */
-  async purgeDead(ids?: readonly string[]): Promise<number> {
-    const targets: string[] = [];
-    if (ids) targets.push(...ids);
-    else {
-      for await (const e of this.kv.list({ prefix: this.keys.deadRoot() })) {
-        targets.push(idOf(e.key));
-      }
-    }
-    // Two mutations per letter: stay far under the 1000-mutation limit.
-    for (const part of chunks(targets, 200)) {
-      const op = this.kv.atomic();
-      for (const id of part) op.delete(this.keys.dead(id)).delete(this.keys.deadValue(id));
-      await op.commit();
-    }
-    return targets.length;
+  purgeDead(ids?: readonly string[]): Promise<number> {
+    return purgeDeadLetters(this, ids);
+  }
+
+  /**
+   * Deletes up to `limit` dead letters older than `deadLetterRetentionMs`,
+   * oldest first, and returns how many went. Runners do this by themselves
+   * about once a minute.
+   */
+  sweepDead(limit = 100): Promise<number> {
+    return sweepDeadLetters(this, limit);
   }
 }

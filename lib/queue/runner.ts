@@ -6,6 +6,7 @@
  */
 import {
   CHECKS_PER_COMMIT,
+  DEAD_SWEEP_MS,
   DEFAULT_BACKOFF_SCHEDULE,
   DEFAULT_LEASE_MS,
   IDLE_RECHECK_MS,
@@ -27,6 +28,7 @@ import {
 } from "./envelope.ts";
 import { checkInteger, errorText } from "./validate.ts";
 import { commitExact } from "./exact.ts";
+import { sweepDeadLetters } from "./admin.ts";
 import { dueOf, idOf } from "./keys.ts";
 import type { KvQueue } from "./producer.ts";
 import type { DeadLetter, QueueMessage } from "./types.ts";
@@ -167,6 +169,7 @@ export class KvQueueRunner {
   /** How far this runner spreads its claims over the due entries (see #fill). */
   #spread = 1;
   #cleanClaims = 0;
+  #sweptAt = 0;
   /** True while more is due than this runner has slots for (its last list was all due). */
   #backlog = false;
   /** Claims that fit one commit, from the size of the last entry claimed. */
@@ -243,6 +246,14 @@ export class KvQueueRunner {
     await within(this.#running, Math.max(this.stopTimeoutMs, 1_000));
   }
 
+  /** Now and then, deletes dead letters past the queue's retention (not awaited). */
+  #maybeSweep(): void {
+    const now = Date.now();
+    if (now - this.#sweptAt < DEAD_SWEEP_MS) return;
+    this.#sweptAt = now;
+    sweepDeadLetters(this.queue).catch(() => {/* next time */});
+  }
+
   #poke(): void {
     this.#wakePending = true;
     const wake = this.#wake;
@@ -301,6 +312,7 @@ export class KvQueueRunner {
       while (!this.#stopping) {
         this.#wakePending = false;
         let nextDue: number;
+        this.#maybeSweep();
         try {
           nextDue = await this.#fill();
         } catch {
@@ -700,7 +712,10 @@ export class KvQueueRunner {
     const early = allKeys.length > MAX_KEYS_IF_UNDELIVERED ? allKeys : [];
     const bury = (withKeys: boolean) => (op: Deno.AtomicOperation) => {
       if (withKeys && early.length === 0) { for (const key of allKeys) op.set(key, held.value); }
-      op.set(k.dead(held.id), dead).set(k.deadValue(held.id), held.value);
+      // With no retention (withQueues, as Deno) only keysIfUndelivered get it.
+      if (this.queue.deadLetterRetentionMs === 0) return;
+      op.set(k.dead(held.id), dead).set(k.deadValue(held.id), held.value)
+        .set(k.deadIndex(dead.failedAt, held.id), 1).sum(k.deadCount(), 1n);
     };
     const finish = (withKeys: boolean) => {
       if (env.ok !== undefined) return this.#finishOrdered(held, bury(withKeys));

@@ -11,6 +11,12 @@ export interface KvQueueOptions {
   prefix?: Deno.KvKey;
   /** Pending messages after which `enqueue` throws. Default 100,000. */
   backlogLimit?: number;
+  /**
+   * How long a dead letter is kept (ms). Default three days; 0 keeps none
+   * (`keysIfUndelivered` still receive the value). `withQueues` defaults to
+   * 0, as Deno keeps nothing but `keysIfUndelivered`.
+   */
+  deadLetterRetentionMs?: number;
 }
 
 /** Options of {@linkcode KvQueue.enqueue}. */
@@ -73,7 +79,9 @@ export class EnqueueManyError extends Error {
 
 /**
  * Counts returned by {@linkcode KvQueue.stats}. Messages waiting behind
- * another of their ordering key count as delayed.
+ * another of their ordering key count as delayed. `ready + delayed + running`
+ * and `dead` are exact (counters); the split is exact up to `STATS_SAMPLE`
+ * indexed messages and estimated past that (see `KvQueue.stats()`).
  */
 export interface QueueStats {
   ready: number;
