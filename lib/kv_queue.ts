@@ -11,11 +11,13 @@
 export {
   DEFAULT_BACKLOG_LIMIT,
   DEFAULT_BACKOFF_SCHEDULE,
+  DEFAULT_DEAD_LETTER_RETENTION_MS,
   DEFAULT_LEASE_MS,
   ENQUEUE_BATCH,
   MAX_DELAY_MS,
   MAX_KEYS_IF_UNDELIVERED,
   MAX_VALUE_BYTES,
+  STATS_SAMPLE,
 } from "./queue/limits.ts";
 export {
   type DeadLetter,
@@ -27,5 +29,6 @@ export {
   type QueueStats,
 } from "./queue/types.ts";
 export { KvQueue } from "./queue/producer.ts";
+export type { PendingMessage, PendingPage, PendingState } from "./queue/admin.ts";
 export { KvQueueRunner, type KvQueueRunnerOptions } from "./queue/runner.ts";
 export { withQueues, type WithQueuesOptions } from "./queue/deno.ts";

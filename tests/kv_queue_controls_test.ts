@@ -198,3 +198,159 @@ Deno.test(
     }
   },
 );
+
+Deno.test(
+  "KvQueue.cancel() removes a scheduled, a ready and a waiting-in-line message; not a running one",
+  opts,
+  async () => {
+    const kv = await Deno.openKv(":memory:");
+    try {
+      const queue = new KvQueue(kv, { prefix: ["cancel"] });
+      const seen: string[] = [];
+      const release = Promise.withResolvers<void>();
+      queue.handle<string>("c", async (d) => {
+        seen.push(d);
+        if (d === "head") await release.promise;
+      });
+      const later = await queue.enqueue("c", "later", { delayMs: 60_000 });
+      const ready = await queue.enqueue("c", "ready", { idempotencyKey: "k1" });
+      await queue.enqueue("c", "head", { orderingKey: "line" });
+      const second = await queue.enqueue("c", "second", { orderingKey: "line" });
+      await queue.enqueue("c", "third", { orderingKey: "line" });
+      assert.equal(await queue.cancel(later), true);
+      assert.equal(await queue.cancel(ready), true);
+      assert.equal(await queue.cancel(ready), false, "cancelled twice");
+      assert.equal(await queue.cancel(second), true);
+      assert.equal(await queue.cancel("nope"), false);
+      // The idempotency key is free again.
+      assert.notEqual(await queue.enqueue("c", "again", { idempotencyKey: "k1" }), ready);
+      const runner = new KvQueueRunner(kv, queue);
+      const running = runner.run();
+      try {
+        await waitFor("the head running", () => seen.includes("head"));
+        const head = (await queue.listPending("running")).messages[0];
+        assert.equal(await queue.cancel(head.id), false, "a running message was cancelled");
+        release.resolve();
+        await waitFor("the rest", () => seen.length === 3);
+        await new Promise((r) => setTimeout(r, 200));
+      } finally {
+        await runner.stop();
+        await running;
+      }
+      assert.deepEqual(seen.sort(), ["again", "head", "third"]);
+      assert.deepEqual(await queue.stats(), { ready: 0, delayed: 0, running: 0, dead: 0 });
+    } finally {
+      kv.close();
+    }
+  },
+);
+
+Deno.test("KvQueue.listPending() pages through each state with a cursor", opts, async () => {
+  const kv = await Deno.openKv(":memory:");
+  try {
+    const queue = new KvQueue(kv, { prefix: ["list"] });
+    const ready = await queue.enqueueMany("l", Array.from({ length: 25 }, (_, i) => i));
+    const delayed = await queue.enqueueMany("l", [1, 2, 3], { delayMs: 60_000 });
+    const waiting = [
+      await queue.enqueue("l", "a", { orderingKey: "k" }),
+      await queue.enqueue("l", "b", { orderingKey: "k" }),
+    ];
+    const all = async (state: "ready" | "delayed" | "running" | "waiting") => {
+      const ids: string[] = [];
+      let cursor: string | undefined;
+      let pages = 0;
+      do {
+        const page = await queue.listPending(state, { limit: 10, cursor });
+        ids.push(...page.messages.map((m) => m.id));
+        cursor = page.cursor;
+        pages++;
+      } while (cursor && pages < 20);
+      return ids;
+    };
+    assert.deepEqual(await all("ready"), [...ready, waiting[0]]);
+    assert.deepEqual(await all("delayed"), delayed);
+    assert.deepEqual(await all("running"), []);
+    assert.deepEqual(await all("waiting"), waiting);
+    assert.throws(() => queue.listPending("bogus" as never), { name: "TypeError" });
+  } finally {
+    kv.close();
+  }
+});
+
+Deno.test(
+  "KvQueue.pause() stops every runner claiming, across queues on the same prefix; resume() restarts them",
+  opts,
+  async () => {
+    const kv = await Deno.openKv(":memory:");
+    try {
+      const prefix = ["pause"];
+      const admin = new KvQueue(kv, { prefix });
+      const seen: number[] = [];
+      const runners = [0, 1].map(() => {
+        const q = new KvQueue(kv, { prefix });
+        q.handle<number>("p", (n) => {
+          seen.push(n);
+        });
+        return new KvQueueRunner(kv, q);
+      });
+      const running = runners.map((r) => r.run());
+      try {
+        await admin.enqueue("p", 1);
+        await waitFor("the first message", () => seen.length === 1);
+        await admin.pause();
+        assert.equal(await admin.isPaused(), true);
+        await new Promise((r) => setTimeout(r, 1_000));
+        await admin.enqueueMany("p", [2, 3, 4]);
+        await new Promise((r) => setTimeout(r, 1_000));
+        assert.deepEqual(seen, [1], "a paused queue delivered");
+        await admin.resume();
+        await waitFor("the rest after resume", () => seen.length === 4, { timeoutMs: 5_000 });
+      } finally {
+        await Promise.all(runners.map((r) => r.stop()));
+        await Promise.all(running);
+      }
+    } finally {
+      kv.close();
+    }
+  },
+);
+
+Deno.test(
+  "timeoutMs: a handler running past it has its signal aborted and the attempt fails, then retries",
+  opts,
+  async () => {
+    const kv = await Deno.openKv(":memory:");
+    try {
+      const queue = new KvQueue(kv, { prefix: ["timeout"] });
+      const attempts: { attempt: number; reason?: string }[] = [];
+      const errors: unknown[] = [];
+      queue.handle("t", async (_d, m) => {
+        const entry: { attempt: number; reason?: string } = { attempt: m.attempt };
+        attempts.push(entry);
+        if (m.attempt === 1) {
+          await new Promise<void>((r) => m.signal.addEventListener("abort", () => r()));
+          entry.reason = (m.signal.reason as DOMException).name;
+        }
+      });
+      await queue.enqueue("t", 1, { timeoutMs: 200, backoffSchedule: [10] });
+      const runner = new KvQueueRunner(kv, queue, { onError: (e) => errors.push(e) });
+      const running = runner.run();
+      try {
+        await waitFor("the retry", () => attempts.length === 2);
+        await new Promise((r) => setTimeout(r, 100));
+      } finally {
+        await runner.stop();
+        await running;
+      }
+      assert.deepEqual(attempts, [{ attempt: 1, reason: "TimeoutError" }, { attempt: 2 }]);
+      assert.equal(errors.length, 1);
+      assert.equal((errors[0] as DOMException).name, "TimeoutError");
+      assert.deepEqual(await queue.stats(), { ready: 0, delayed: 0, running: 0, dead: 0 });
+      await assert.rejects(() => queue.enqueue("t", 1, { timeoutMs: 2 ** 31 }), {
+        name: "RangeError",
+      });
+    } finally {
+      kv.close();
+    }
+  },
+);

@@ -38,6 +38,8 @@ export interface Envelope {
   v?: unknown;
   /** Times it went back because no worker that took it had a handler for its type. */
   nh?: number;
+  /** `timeoutMs`: a delivery running longer fails. */
+  to?: number;
 }
 
 /** The attempts a message gets. */

@@ -17,6 +17,7 @@
  * | `[...P, "dx", failedAt, id]` | dead letters by failure time (retention sweep)  |
  * | `[...P, "deadCount"]`     | `Deno.KvU64` number of dead letters              |
  * | `[...P, "e", id]`        | receipt of the enqueue commit whose first message is `id`, kept `RECEIPT_MS` (see `exact.ts`) |
+ * | `[...P, "paused"]`        | `true` while the queue is paused (`KvQueue.pause()`) |
  * | `[...P, "sig"]`           | bumped by enqueues, retries and releases; workers `watch` it |
  * | `[...P, "count"]`         | `Deno.KvU64` number of pending messages          |
  *
@@ -91,6 +92,10 @@ export class Keys {
   /** Written (with `expireIn`) by the commit that enqueued `id`: a re-send of it fails its check. */
   receipt(id: string): Deno.KvKey {
     return [...this.prefix, "e", id];
+  }
+  /** Present (true) while the queue is paused for every runner. */
+  paused(): Deno.KvKey {
+    return [...this.prefix, "paused"];
   }
   signal(): Deno.KvKey {
     return [...this.prefix, "sig"];

@@ -75,3 +75,5 @@ export const DEFAULT_DEAD_LETTER_RETENTION_MS = 3 * 24 * 60 * 60 * 1000;
 export const STATS_SAMPLE = 1000;
 /** A runner sweeps expired dead letters at most this often. */
 export const DEAD_SWEEP_MS = 60_000;
+/** The longest delay `setTimeout` takes (a signed 32-bit count of ms); longer ones fire at once. */
+export const MAX_TIMER_MS = 2 ** 31 - 1;

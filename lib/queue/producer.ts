@@ -12,12 +12,12 @@ import {
   INLINE_VALUE_BYTES,
   MAX_DELAY_MS,
   MAX_KEYS_IF_UNDELIVERED,
+  MAX_TIMER_MS,
   ORDERED_RETRIES,
   RECEIPT_MS,
 } from "./limits.ts";
 import { commitExact } from "./exact.ts";
 import {
-  chunks,
   type Envelope,
   keyBytes,
   maxAttemptsOf,
@@ -30,7 +30,15 @@ import {
 } from "./envelope.ts";
 import { checkInteger, checkKey, checkName, describe } from "./validate.ts";
 import { idOf, Keys } from "./keys.ts";
-import { purgeDeadLetters, queueStats, sweepDeadLetters } from "./admin.ts";
+import {
+  cancelMessage,
+  listPendingMessages,
+  type PendingPage,
+  type PendingState,
+  purgeDeadLetters,
+  queueStats,
+  sweepDeadLetters,
+} from "./admin.ts";
 import {
   type DeadLetter,
   EnqueueManyError,
@@ -169,6 +177,9 @@ export class KvQueue {
     keys.forEach((k, i) => checkKey(`keysIfUndelivered[${i}]`, k));
     const idempotencyKey = checkName("idempotencyKey", options.idempotencyKey);
     const orderingKey = checkName("orderingKey", options.orderingKey);
+    const timeoutMs = options.timeoutMs === undefined
+      ? undefined
+      : checkInteger("timeoutMs", options.timeoutMs, 1, MAX_TIMER_MS);
     const envelope: Envelope = { t: type, at: now, n: 0 };
     if (schedule !== undefined) envelope.b = [...schedule];
     if (maxAttempts !== undefined && maxAttempts !== maxAttemptsOf(envelope)) {
@@ -177,6 +188,7 @@ export class KvQueue {
     if (keys.length > 0) envelope.u = keys.map((k) => [...k]);
     if (idempotencyKey !== undefined) envelope.ik = idempotencyKey;
     if (orderingKey !== undefined) envelope.ok = orderingKey;
+    if (timeoutMs !== undefined) envelope.to = timeoutMs;
     const id = newId();
     const due = now + delayMs;
     const size = valueBytes(value);
@@ -624,6 +636,52 @@ export class KvQueue {
     }
     this.wakeRunners();
     return msg.id;
+  }
+
+  /**
+   * Cancels a pending or scheduled message by id, as if it had completed;
+   * false when it is not pending or is running now (see `admin.ts` for the
+   * cost).
+   */
+  cancel(id: string): Promise<boolean> {
+    return cancelMessage(this, id);
+  }
+
+  /**
+   * Lists pending messages in `state` ("ready", "delayed", "running" or
+   * "waiting"), `limit` (default 100) index entries per call; pass the
+   * returned `cursor` for the next page.
+   */
+  listPending(
+    state: PendingState,
+    options: { limit?: number; cursor?: string } = {},
+  ): Promise<PendingPage> {
+    if (!["ready", "delayed", "running", "waiting"].includes(state)) {
+      throw new TypeError(
+        `"state" must be "ready", "delayed", "running" or "waiting": got ${describe(state)}`,
+      );
+    }
+    const limit = checkInteger("limit", options.limit ?? 100, 1, 1000);
+    return listPendingMessages(this, state, { limit, cursor: options.cursor });
+  }
+
+  /**
+   * Pauses the queue for every runner on it, in any process: none claims
+   * another message until {@linkcode resume}; running handlers go on. Stored
+   * in KV; runners hear of it through their watch, within about a second.
+   */
+  async pause(): Promise<void> {
+    await this.kv.set(this.keys.paused(), true);
+  }
+
+  /** Undoes {@linkcode pause}. */
+  async resume(): Promise<void> {
+    await this.kv.delete(this.keys.paused());
+  }
+
+  /** Whether the queue is paused. */
+  async isPaused(): Promise<boolean> {
+    return (await this.kv.get(this.keys.paused())).value === true;
   }
 
   /**

@@ -12,8 +12,8 @@ import {
   IDLE_RECHECK_MS,
   MAX_DELAY_MS,
   MAX_KEYS_IF_UNDELIVERED,
+  MAX_TIMER_MS,
   NO_HANDLER_DELAY_MS,
-  ORDERED_RETRIES,
   REQUEST_BUDGET_BYTES,
 } from "./limits.ts";
 import {
@@ -24,17 +24,15 @@ import {
   minus,
   pack,
   valueBytes,
-  type Waiting,
 } from "./envelope.ts";
 import { checkInteger, errorText } from "./validate.ts";
 import { commitExact } from "./exact.ts";
 import { sweepDeadLetters } from "./admin.ts";
+import { addEnd, endInLine } from "./lines.ts";
 import { dueOf, idOf } from "./keys.ts";
 import type { KvQueue } from "./producer.ts";
 import type { DeadLetter, QueueMessage } from "./types.ts";
 
-/** The longest delay `setTimeout` takes (a signed 32-bit count of ms). */
-const MAX_TIMER_MS = 2 ** 31 - 1;
 /** Most entries one claim round lists (spread times free slots). */
 const MAX_LIST = 200;
 /**
@@ -169,6 +167,8 @@ export class KvQueueRunner {
   /** How far this runner spreads its claims over the due entries (see #fill). */
   #spread = 1;
   #cleanClaims = 0;
+  /** The queue is paused (`KvQueue.pause()`): claim nothing. */
+  #paused = false;
   #sweptAt = 0;
   /** True while more is due than this runner has slots for (its last list was all due). */
   #backlog = false;
@@ -271,11 +271,13 @@ export class KvQueueRunner {
       let pause = 100;
       while (!this.#stopping) {
         try {
-          const reader = this.kv.watch([this.queue.keys.signal()]).getReader();
+          const keys = this.queue.keys;
+          const reader = this.kv.watch([keys.signal(), keys.paused()]).getReader();
           this.#watch = reader;
           while (!this.#stopping) {
-            const { done } = await reader.read();
+            const { done, value } = await reader.read();
             if (done) break;
+            this.#paused = value[1].value === true;
             pause = 100;
             this.#poke();
           }
@@ -308,6 +310,9 @@ export class KvQueueRunner {
 
   async #loop(): Promise<void> {
     this.#startWatch();
+    try {
+      this.#paused = await this.queue.isPaused();
+    } catch { /* the watch tells soon */ }
     try {
       while (!this.#stopping) {
         this.#wakePending = false;
@@ -360,7 +365,7 @@ export class KvQueueRunner {
     const root = this.queue.keys.scheduleRoot();
     while (!this.#stopping) {
       const free = this.#free();
-      if (free < this.#minFill()) return Infinity;
+      if (free < this.#minFill() || this.#paused) return Infinity;
       const now = Date.now();
       const due: Deno.KvEntry<Envelope>[] = [];
       let nextDue = Infinity;
@@ -534,7 +539,8 @@ export class KvQueueRunner {
           } deliveries started and none finished (worker stopped or lease lost)`,
         );
       }
-      await handler(message);
+      if (env.to === undefined) await handler(message);
+      else await this.#withTimeout(held, env.to, handler(message));
     } catch (err) {
       failed = true;
       failure = err;
@@ -569,6 +575,26 @@ export class KvQueueRunner {
     }
   }
 
+  /**
+   * Waits for a handler's promise for `ms` at most; past that, aborts the
+   * message's signal with a `TimeoutError` and throws it (a failed attempt).
+   */
+  async #withTimeout(held: Held, ms: number, running: unknown): Promise<void> {
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    const timedOut = new Promise<never>((_, reject) => {
+      timer = setTimeout(() => {
+        const error = new DOMException(`the handler ran past timeoutMs (${ms} ms)`, "TimeoutError");
+        held.abort.abort(error);
+        reject(error);
+      }, ms);
+    });
+    try {
+      await Promise.race([running, timedOut]);
+    } finally {
+      clearTimeout(timer);
+    }
+  }
+
   /** Moves the entry to a new expiry; a failed check means another worker took over. */
   async #renew(held: Held): Promise<void> {
     if (held.lost) return;
@@ -588,11 +614,7 @@ export class KvQueueRunner {
 
   /** Adds what finishing `held` deletes, the entry itself included. */
   #addFinish(op: Deno.AtomicOperation, held: Held): Deno.AtomicOperation {
-    this.#fromHeld(held, op);
-    if (!held.envelope.iv) op.delete(this.queue.keys.value(held.id));
-    const idem = held.envelope.ik;
-    if (idem !== undefined) op.delete(this.queue.keys.idempotency(idem));
-    return op;
+    return addEnd(this.queue.keys, op, held);
   }
 
   /** Estimated bytes of one completion in a shared commit. */
@@ -648,41 +670,9 @@ export class KvQueueRunner {
     }
   }
 
-  /**
-   * Finishes the head of an ordering key's line: schedules the next message
-   * in it (no check on the line needed: appends only add places after it),
-   * or, when there is none, closes the line, checked against the line's last
-   * place so that an append in the meantime makes it look again.
-   */
+  /** Finishes the head of an ordering key's line (see `lines.ts`). */
   async #finishOrdered(held: Held, extra: (op: Deno.AtomicOperation) => void): Promise<void> {
-    const k = this.queue.keys;
-    const orderingKey = held.envelope.ok!;
-    const seq = held.envelope.seq!;
-    for (let attempt = 0; attempt < ORDERED_RETRIES; attempt++) {
-      // The last place first, then the next message: an append after the
-      // first read fails the close's check. (In the other order an append
-      // between the reads would pass it and be stranded.)
-      const last = await this.kv.get<number>(k.lineLast(orderingKey));
-      const after = await Array.fromAsync(this.kv.list<Waiting>({
-        prefix: k.waitingIn(orderingKey),
-        start: k.waiting(orderingKey, seq + 1),
-      }, { limit: 1 }));
-      const next = after[0] ?? null;
-      const op = this.#addFinish(this.kv.atomic(), held)
-        .delete(k.waiting(orderingKey, seq))
-        .sum(k.count(), minus(1));
-      extra(op);
-      if (next !== null) {
-        const w = next.value;
-        op.set(k.schedule(w.due, w.id), w.envelope).set(k.signal(), w.id);
-      } else {
-        op.check(last).delete(k.lineLast(orderingKey)).delete(k.lineOpen(orderingKey));
-      }
-      if ((await op.commit()).ok) return;
-      const mine = await this.kv.get(held.key);
-      if (mine.versionstamp !== held.stamp) return; // the lease was taken over
-    }
-    throw new Error(`completion: the line of ${JSON.stringify(orderingKey)} kept changing`);
+    await endInLine(this.kv, this.queue.keys, held, extra);
   }
 
   async #fail(held: Held, error: unknown): Promise<void> {

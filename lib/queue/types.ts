@@ -36,6 +36,13 @@ export interface EnqueueOptions {
    * order they were enqueued (retries included); others run in parallel.
    */
   orderingKey?: string;
+  /**
+   * A delivery running longer than this many ms fails (a counted attempt,
+   * retried by the schedule): `message.signal` aborts with a `TimeoutError`.
+   * A handler that ignores the signal may still be running when the retry
+   * starts.
+   */
+  timeoutMs?: number;
 }
 
 /** A delivered message as handlers of the typed API see it. */
