@@ -31,4 +31,11 @@ export {
 export { KvQueue } from "./queue/producer.ts";
 export type { PendingMessage, PendingPage, PendingState } from "./queue/admin.ts";
 export { KvQueueRunner, type KvQueueRunnerOptions } from "./queue/runner.ts";
-export { withQueues, type WithQueuesOptions } from "./queue/deno.ts";
+export {
+  type DenoCronOptions,
+  type KvWithQueues,
+  withQueues,
+  type WithQueuesOptions,
+} from "./queue/deno.ts";
+export { type CronTick, kvCron, type KvCronOptions } from "./queue/cron.ts";
+export type { CronSchedule, CronScheduleExpression } from "./cron.ts";

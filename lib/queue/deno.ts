@@ -9,6 +9,30 @@ import { type DenoEnqueueOptions, denoOptions } from "./deno_options.ts";
 import { KvQueue } from "./producer.ts";
 import { KvQueueRunner, type KvQueueRunnerOptions } from "./runner.ts";
 import type { KvQueueOptions } from "./types.ts";
+import { kvCron } from "./cron.ts";
+import type { CronSchedule } from "../cron.ts";
+
+/** Deno.cron's options. */
+export interface DenoCronOptions {
+  backoffSchedule?: number[];
+  signal?: AbortSignal;
+}
+
+/** A `Deno.Kv` with queues, and `cron` in Deno.cron's shape. */
+export interface KvWithQueues extends Deno.Kv {
+  /**
+   * `Deno.cron(name, schedule, [options,] handler)` over this KV: each tick
+   * runs once across every process running the same name (see
+   * `queue/cron.ts` for missed ticks). Resolves when `options.signal` aborts
+   * or `close()` is called.
+   */
+  cron(
+    name: string,
+    schedule: string | CronSchedule,
+    optionsOrHandler: DenoCronOptions | (() => unknown),
+    handler?: () => unknown,
+  ): Promise<void>;
+}
 
 /** Options of {@linkcode withQueues}. */
 export interface WithQueuesOptions extends KvQueueOptions, Omit<KvQueueRunnerOptions, "dispatch"> {}
@@ -37,7 +61,7 @@ const DENO_TYPE = "deno";
  * await listening;
  * ```
  */
-export function withQueues(kv: Deno.Kv, options: WithQueuesOptions = {}): Deno.Kv {
+export function withQueues(kv: Deno.Kv, options: WithQueuesOptions = {}): KvWithQueues {
   const queue = new KvQueue(kv, {
     ...options,
     prefix: options.prefix ?? ["__kvq__", DENO_TYPE],
@@ -45,6 +69,7 @@ export function withQueues(kv: Deno.Kv, options: WithQueuesOptions = {}): Deno.K
     deadLetterRetentionMs: options.deadLetterRetentionMs ?? 0,
   });
   const runners = new Set<KvQueueRunner>();
+  const crons = new Set<{ stop: AbortController; done: Promise<void> }>();
   const patchAtomic = (op: Deno.AtomicOperation): Deno.AtomicOperation => {
     let enqueued = 0;
     let firstId: string | undefined;
@@ -77,7 +102,25 @@ export function withQueues(kv: Deno.Kv, options: WithQueuesOptions = {}): Deno.K
     };
     return op;
   };
-  const wrapped: Partial<Deno.Kv> = {
+  const wrapped: Partial<KvWithQueues> = {
+    cron: (name, schedule, optionsOrHandler, handler) => {
+      const cronOptions = typeof optionsOrHandler === "function" ? {} : optionsOrHandler ?? {};
+      const run = typeof optionsOrHandler === "function" ? optionsOrHandler : handler;
+      if (typeof run !== "function") throw new TypeError("Cron handler must be a function");
+      const stop = new AbortController();
+      cronOptions.signal?.addEventListener("abort", () => stop.abort(), { once: true });
+      if (cronOptions.signal?.aborted) stop.abort();
+      const done = kvCron(kv, {
+        name,
+        schedule,
+        handler: () => run(),
+        backoffSchedule: cronOptions.backoffSchedule,
+        signal: stop.signal,
+      });
+      const job = { stop, done: done.catch(() => {}) };
+      crons.add(job);
+      return done.finally(() => crons.delete(job));
+    },
     enqueue: async (value: unknown, o?: DenoEnqueueOptions) => {
       const msg = queue.prepare(DENO_TYPE, value, denoOptions(o), Date.now(), true);
       await queue.checkBacklog(1);
@@ -104,20 +147,22 @@ export function withQueues(kv: Deno.Kv, options: WithQueuesOptions = {}): Deno.K
     },
     atomic: () => patchAtomic(kv.atomic()),
     close: () => {
+      for (const job of crons) job.stop.abort();
+      const cronsDone = [...crons].map((j) => j.done);
       const stopping = [...runners].map((r) => ({ r, stopped: r.stop() }));
       const pending = stopping.filter(({ r }) => r.holding > 0);
-      if (pending.length === 0) return kv.close();
+      if (pending.length === 0 && cronsDone.length === 0) return kv.close();
       // Finished handlers' completions are still committing: close after them.
-      Promise.allSettled(pending.map((p) => p.stopped)).then(() => {
+      Promise.allSettled([...pending.map((p) => p.stopped), ...cronsDone]).then(() => {
         try {
           kv.close();
         } catch { /* closed by the caller meanwhile */ }
       });
     },
   };
-  return new Proxy(kv, {
+  return new Proxy(kv as KvWithQueues, {
     get(target, prop) {
-      if (Object.hasOwn(wrapped, prop)) return wrapped[prop as keyof Deno.Kv];
+      if (Object.hasOwn(wrapped, prop)) return wrapped[prop as keyof KvWithQueues];
       if (prop === Symbol.dispose) return () => wrapped.close!();
       const v = Reflect.get(target, prop, target);
       return typeof v === "function" ? v.bind(target) : v;
