@@ -377,7 +377,7 @@ Deno.test({
       kv = await openRemoteKv(stack.url);
       await kv.set(["restart"], "before");
       const denokv = descendants(stack.supervisord.child.pid).filter((p) =>
-        cmdline(p).includes("--sqlite-path") && cmdline(p).includes("standin/denokv.ts")
+        /(^|\/)denokv --sqlite-path |standin\/denokv\.ts --sqlite-path /.test(cmdline(p))
       );
       assert.deepEqual(denokv.length, 1, "exactly one denokv process");
       kill(denokv[0], "SIGKILL");
@@ -409,7 +409,7 @@ async function startDevStack(dataDir: string, port: number, denokvPort: number):
   };
   if (Deno.env.get("DENO_DIR")) env.DENO_DIR = Deno.env.get("DENO_DIR")!;
   const child = new Deno.Command(DENO, {
-    args: ["run", "-A", join(ROOT, "scripts/dev_stack.ts")],
+    args: ["run", "-A", join(ROOT, "scripts/dev/dev_stack.ts")],
     cwd: ROOT,
     env,
     clearEnv: true,
