@@ -33,6 +33,12 @@ import { dueOf, idOf } from "./keys.ts";
 import type { KvQueue } from "./producer.ts";
 import type { DeadLetter, QueueMessage } from "./types.ts";
 
+/**
+ * Under a backlog, a runner claims when this many claim commits' worth of
+ * slots are free: rounds of whole, full commits (and completions grouped
+ * alike), which keeps commits per message flat as runners get smaller.
+ */
+const FILL_COMMITS = 2;
 /** Most entries one claim round lists (spread times free slots). */
 const MAX_LIST = 200;
 /**
@@ -294,13 +300,14 @@ export class KvQueueRunner {
   }
 
   /**
-   * Free slots worth a claim round. Under a backlog a runner waits for a
-   * claim commit's worth of free slots (as many claims as fit the request
-   * budget) instead of claiming one at a time as handlers end: fewer, fuller
-   * claim commits per message.
+   * Free slots worth a claim round. Under a backlog a runner waits for
+   * `FILL_COMMITS` claim commits' worth of free slots (as many claims as fit
+   * the request budget each) instead of claiming one at a time as handlers
+   * end: fewer, fuller claim commits per message. Without a backlog it
+   * claims as soon as a slot is free, so latency is not affected.
    */
   #minFill(): number {
-    return this.#backlog ? Math.min(this.#perCommit, this.concurrency) : 1;
+    return this.#backlog ? Math.min(this.concurrency, FILL_COMMITS * this.#perCommit) : 1;
   }
 
   /** Free handler slots; completions still committing count half, so they cannot pile up. */

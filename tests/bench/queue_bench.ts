@@ -26,6 +26,9 @@ import {
 
 interface WorkersResult {
   processes: number;
+  /** Entries read (listed or got) by one stats() call on the full backlog, and its time. */
+  statsReads: number;
+  statsMs: number;
   perSecond: number;
   writesPerMessage: number;
   enqueuePerSecond: number;
@@ -55,6 +58,13 @@ async function drainWithWorkers(
     );
   }
   const enqueuePerSecond = backlog / ((performance.now() - e0) / 1000);
+  const counted = countingReads(kv);
+  const s0 = performance.now();
+  const stats = await new KvQueue(counted.kv, { prefix }).stats();
+  const statsMs = performance.now() - s0;
+  if (stats.ready + stats.delayed + stats.running !== backlog) {
+    throw new Error(`stats() says ${JSON.stringify(stats)} for ${backlog}`);
+  }
   const workers: Running[] = [];
   try {
     for (let p = 0; p < processes; p++) {
@@ -101,6 +111,8 @@ async function drainWithWorkers(
       perSecond: backlog / seconds,
       writesPerMessage: commits / backlog,
       enqueuePerSecond,
+      statsReads: counted.reads(),
+      statsMs,
     };
   } finally {
     for (const w of workers) if (w.exited === null) await w.stop("SIGKILL");
@@ -148,6 +160,36 @@ function countingKv(kv: Deno.Kv): { kv: Deno.Kv; writes: () => number } {
     },
   });
   return { kv: wrapped, writes: () => writes };
+}
+
+/** Counts entries read through `kv` by `get`, `getMany` and `list`. */
+function countingReads(kv: Deno.Kv): { kv: Deno.Kv; reads: () => number } {
+  let reads = 0;
+  const wrapped = new Proxy(kv, {
+    get(target, prop) {
+      if (prop === "list") {
+        return (sel: Deno.KvListSelector, o?: Deno.KvListOptions) => {
+          const it = target.list(sel, o);
+          return (async function* () {
+            for await (const e of it) {
+              reads++;
+              yield e;
+            }
+          })();
+        };
+      }
+      if (prop === "get") reads++;
+      if (prop === "getMany") {
+        return (keys: Deno.KvKey[]) => {
+          reads += keys.length;
+          return target.getMany(keys);
+        };
+      }
+      const v = Reflect.get(target, prop, target);
+      return typeof v === "function" ? v.bind(target) : v;
+    },
+  });
+  return { kv: wrapped, reads: () => reads };
 }
 
 /** Latency one at a time, then throughput of `total` enqueued `batch` at a time. */
@@ -313,14 +355,16 @@ if (import.meta.main) {
     lines.push(
       `Worker processes: ${backlog} messages drained by ${handlers} handlers in total (20 ms each).`,
       "",
-      "| processes | handlers each | enqueue msgs/s | drain msgs/s | vs 1 | commits per message | vs 1 |",
-      "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+      "| processes | handlers each | enqueue msgs/s | drain msgs/s | vs 1 | commits per message | vs 1 | stats() reads | stats() ms |",
+      "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
       ...rows.map((r) =>
         `| ${r.processes} | ${Math.round(handlers / r.processes)} | ${
           r.enqueuePerSecond.toFixed(0)
         } | ${r.perSecond.toFixed(0)} | ${(r.perSecond / one.perSecond).toFixed(2)}x | ${
           r.writesPerMessage.toFixed(2)
-        } | ${(r.writesPerMessage / one.writesPerMessage).toFixed(2)}x |`
+        } | ${(r.writesPerMessage / one.writesPerMessage).toFixed(2)}x | ${r.statsReads} | ${
+          r.statsMs.toFixed(1)
+        } |`
       ),
     );
   }

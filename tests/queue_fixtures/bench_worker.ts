@@ -55,7 +55,10 @@ if (import.meta.main) {
   }
   await runner.stop();
   await running;
-  console.log(`handled ${handled} commits ${commits()}`);
+  const cpu = process.cpuUsage();
+  console.log(
+    `handled ${handled} commits ${commits()} cpu ${Math.round((cpu.user + cpu.system) / 1000)}`,
+  );
   control.cancel().catch(() => {});
   raw.close();
   Deno.exit(0);
