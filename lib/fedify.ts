@@ -57,6 +57,8 @@ export interface KvMessageQueueOptions {
   onError?: (error: unknown, message: QueueMessage) => void;
   /** Pending messages after which enqueue throws. Default 100,000. */
   backlogLimit?: number;
+  /** How long dead letters are kept (ms). Default three days. */
+  deadLetterRetentionMs?: number;
 }
 
 const TYPE = "fedify";
@@ -102,6 +104,7 @@ export class KvMessageQueue {
     this.queue = new KvQueue(kv, {
       prefix: options.prefix ?? ["__kvq__", "fedify"],
       backlogLimit: options.backlogLimit,
+      deadLetterRetentionMs: options.deadLetterRetentionMs,
     });
   }
 
@@ -156,6 +159,7 @@ export class KvMessageQueue {
 
   /** Messages waiting (not yet handed to a worker). */
   async getDepth(): Promise<MessageQueueDepth> {
+    // Counters and a bounded read (see KvQueue.stats()), whatever the backlog.
     const s = await this.queue.stats();
     return { queued: s.ready + s.delayed, ready: s.ready, delayed: s.delayed };
   }

@@ -1,0 +1,762 @@
+/**
+ * {@linkcode KvQueueRunner}: claims due messages under leases, runs handlers,
+ * renews, completes, retries and dead-letters.
+ *
+ * @module
+ */
+import {
+  CHECKS_PER_COMMIT,
+  DEAD_SWEEP_MS,
+  DEFAULT_BACKOFF_SCHEDULE,
+  DEFAULT_LEASE_MS,
+  IDLE_RECHECK_MS,
+  MAX_DELAY_MS,
+  MAX_KEYS_IF_UNDELIVERED,
+  MAX_TIMER_MS,
+  NO_HANDLER_DELAY_MS,
+  REQUEST_BUDGET_BYTES,
+} from "./limits.ts";
+import {
+  chunks,
+  type Envelope,
+  keyBytes,
+  maxAttemptsOf,
+  minus,
+  pack,
+  valueBytes,
+} from "./envelope.ts";
+import { checkInteger, errorText } from "./validate.ts";
+import { commitExact } from "./exact.ts";
+import { sweepDeadLetters } from "./admin.ts";
+import { addEnd, endInLine } from "./lines.ts";
+import { dueOf, idOf } from "./keys.ts";
+import type { KvQueue } from "./producer.ts";
+import type { DeadLetter, QueueMessage } from "./types.ts";
+
+/**
+ * Under a backlog, a runner claims when this many claim commits' worth of
+ * slots are free: rounds of whole, full commits (and completions grouped
+ * alike), which keeps commits per message flat as runners get smaller.
+ */
+const FILL_COMMITS = 2;
+/** Most entries one claim round lists (spread times free slots). */
+const MAX_LIST = 200;
+/**
+ * Under a backlog, completions wait this long to share a commit with those of
+ * the next claim round; the handler's slot is free already, so only the
+ * lease is held a little longer.
+ */
+const COMPLETION_WINDOW_MS = 10;
+/** Largest claim spread: wider lists cost more reads than the races they avoid (measured). */
+const MAX_SPREAD = 4;
+/** Clean claim rounds after which a runner narrows its spread by one. */
+const SPREAD_DECAY_AFTER = 8;
+
+/**
+ * `n` of `entries`, every `entries.length / n`-th from a random offset: the
+ * whole list when it is short enough, else an even spread over it.
+ */
+function pick<T>(entries: T[], n: number): T[] {
+  if (entries.length <= n) return entries;
+  const step = entries.length / n;
+  const offset = Math.random() * step;
+  return Array.from({ length: n }, (_, i) => entries[Math.floor(offset + i * step)]);
+}
+
+/** Messages whose handlers run in this process (across runners): never claimed twice here. */
+const RUNNING_HERE = new Set<string>();
+
+/** Options of {@linkcode KvQueueRunner}. */
+export interface KvQueueRunnerOptions {
+  /** Handlers running at once in this process. Default 16. */
+  concurrency?: number;
+  /** Lease time in ms; renewed every third of it. Default 30,000. */
+  leaseMs?: number;
+  /** How long `stop()` waits for running handlers before releasing them. Default 30,000. */
+  stopTimeoutMs?: number;
+  /**
+   * Called when a handler throws (the message is retried or dead-lettered),
+   * and when a message has no handler here (it goes back for another worker).
+   */
+  onError?: (error: unknown, message: QueueMessage) => void;
+  /** @internal Replaces per-type dispatch (used by `withQueues` and `fedify.ts`). */
+  dispatch?: (message: QueueMessage) => unknown | Promise<unknown>;
+  /** @internal With `dispatch`: the one message type it handles. */
+  dispatchType?: string;
+}
+
+/** A message this runner holds the lease of. */
+interface Held {
+  id: string;
+  envelope: Envelope;
+  value: unknown;
+  /** Its `"r"` key now (moved by every renewal) and the versionstamp that proves the lease. */
+  key: Deno.KvKey;
+  stamp: string;
+  /** True while its handler runs. */
+  running: boolean;
+  /** Set when a renewal found the lease taken over, or stop() gave it back. */
+  lost: boolean;
+  /** Aborts the handler's `message.signal` when the message is lost. */
+  abort: AbortController;
+}
+
+/** Thrown in place of a handler for a message claimed after `stop()`. */
+class StopSignal extends Error {}
+
+/** Thrown in place of a handler when this worker has none for the message's type. */
+class NoHandler extends Error {
+  override name = "NoHandler";
+}
+
+/** Waits for `promise`, or `ms` at most. */
+async function within(promise: Promise<unknown> | null, ms: number): Promise<void> {
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  let done = false;
+  // Timers take at most 2^31-1 ms (a longer one fires at once): wait in steps.
+  const elapsed = new Promise<void>((resolve) => {
+    const until = Date.now() + ms;
+    const step = () => {
+      const left = until - Date.now();
+      if (done || left <= 0) return resolve();
+      timer = setTimeout(step, Math.min(left, MAX_TIMER_MS));
+    };
+    step();
+  });
+  await Promise.race([promise, elapsed]);
+  done = true;
+  clearTimeout(timer);
+}
+
+/**
+ * Runs handlers registered on a {@linkcode KvQueue}: claims due messages with
+ * versionstamp-checked leases, renews them while handlers run, retries
+ * failures by the message's backoff schedule and dead-letters the rest.
+ * Wakes on `kv.watch` of the queue's signal key, on enqueues through the
+ * same `KvQueue`, or when the next delayed message or lease expiry it saw is
+ * due (and at least every minute when idle).
+ *
+ * @example
+ * ```ts
+ * import { KvQueue, KvQueueRunner } from "../kv_queue.ts";
+ * const kv = await Deno.openKv(":memory:");
+ * const queue = new KvQueue(kv);
+ * let seen = 0;
+ * queue.handle("tick", () => { seen++; });
+ * const runner = new KvQueueRunner(kv, queue, { concurrency: 4 });
+ * const running = runner.run();
+ * await queue.enqueueMany("tick", [1, 2, 3]);
+ * while (seen < 3) await new Promise((r) => setTimeout(r, 10));
+ * await runner.stop();
+ * await running;
+ * kv.close();
+ * ```
+ */
+export class KvQueueRunner {
+  readonly kv: Deno.Kv;
+  readonly queue: KvQueue;
+  readonly concurrency: number;
+  readonly leaseMs: number;
+  readonly stopTimeoutMs: number;
+  readonly #onError?: (error: unknown, message: QueueMessage) => void;
+  readonly #dispatch?: (message: QueueMessage) => unknown | Promise<unknown>;
+  readonly #dispatchType?: string;
+  /** Short: it is written into every leased envelope. */
+  readonly #owner = crypto.randomUUID().slice(0, 13);
+  /** Messages held, from claim until their final commit. */
+  readonly #held = new Map<string, { held: Held; done: Promise<void> }>();
+  /** Handlers running now; `concurrency` bounds this. */
+  #active = 0;
+  #running: Promise<void> | null = null;
+  #stopping = false;
+  #wakePending = false;
+  /** How far this runner spreads its claims over the due entries (see #fill). */
+  #spread = 1;
+  #cleanClaims = 0;
+  /** The queue is paused (`KvQueue.pause()`): claim nothing. */
+  #paused = false;
+  #sweptAt = 0;
+  /** True while more is due than this runner has slots for (its last list was all due). */
+  #backlog = false;
+  /** Claims that fit one commit, from the size of the last entry claimed. */
+  #perCommit = 1;
+  #wake: (() => void) | null = null;
+  #watch: ReadableStreamDefaultReader<Deno.KvEntryMaybe<unknown>[]> | null = null;
+  #completions: { held: Held; done: PromiseWithResolvers<void> }[] = [];
+  #flushScheduled = false;
+  readonly #waker = { wake: () => this.#poke() };
+
+  constructor(kv: Deno.Kv, queue: KvQueue, options: KvQueueRunnerOptions = {}) {
+    this.kv = kv;
+    this.queue = queue;
+    this.concurrency = checkInteger("concurrency", options.concurrency ?? 16, 1, 1000);
+    this.leaseMs = checkInteger("leaseMs", options.leaseMs ?? DEFAULT_LEASE_MS, 30, MAX_DELAY_MS);
+    this.stopTimeoutMs = checkInteger(
+      "stopTimeoutMs",
+      options.stopTimeoutMs ?? 30_000,
+      0,
+      MAX_DELAY_MS,
+    );
+    this.#onError = options.onError;
+    this.#dispatch = options.dispatch;
+    this.#dispatchType = options.dispatchType;
+  }
+
+  /** Number of handlers running now. */
+  get inFlight(): number {
+    return this.#active;
+  }
+
+  /** @internal Messages held, handlers running or final commits pending. */
+  get holding(): number {
+    return this.#held.size;
+  }
+
+  /**
+   * Processes messages until {@linkcode stop} is called; resolves once
+   * stopped. Called while a stop is under way, it starts again after it.
+   */
+  run(): Promise<void> {
+    if (this.#running) {
+      return this.#stopping ? this.#running.then(() => this.run()) : this.#running;
+    }
+    this.#stopping = false;
+    this.queue.attach(this.#waker);
+    this.#running = this.#loop().finally(() => {
+      this.queue.attach(this.#waker, false);
+      this.#running = null;
+    });
+    return this.#running;
+  }
+
+  /**
+   * Stops taking messages, waits up to `stopTimeoutMs` for running handlers
+   * (and their final commits), then releases the leases of those still
+   * running so other workers can take them at once; their `message.signal`
+   * aborts. This process never runs a message again while its old handler
+   * is still running.
+   */
+  async stop(): Promise<void> {
+    this.#stopping = true;
+    this.#poke();
+    // The loop may sit in a KV call the client retries while the server is
+    // unreachable: give it a moment to end, but do not wait for that.
+    await within(this.#running, 1_000);
+    await within(Promise.all([...this.#held.values()].map((h) => h.done)), this.stopTimeoutMs);
+    for (const { held } of this.#held.values()) {
+      if (!held.running || held.lost) continue;
+      this.#lose(held);
+      await this.#release(held).catch(() => {});
+    }
+    this.#held.clear();
+    await within(this.#running, Math.max(this.stopTimeoutMs, 1_000));
+  }
+
+  /** Now and then, deletes dead letters past the queue's retention (not awaited). */
+  #maybeSweep(): void {
+    const now = Date.now();
+    if (now - this.#sweptAt < DEAD_SWEEP_MS) return;
+    this.#sweptAt = now;
+    sweepDeadLetters(this.queue).catch(() => {/* next time */});
+  }
+
+  #poke(): void {
+    this.#wakePending = true;
+    const wake = this.#wake;
+    this.#wake = null;
+    wake?.();
+  }
+
+  #lose(held: Held): void {
+    held.lost = true;
+    held.abort.abort(new Error("the message's lease is no longer held by this worker"));
+  }
+
+  #startWatch(): void {
+    (async () => {
+      let pause = 100;
+      while (!this.#stopping) {
+        try {
+          const keys = this.queue.keys;
+          const reader = this.kv.watch([keys.signal(), keys.paused()]).getReader();
+          this.#watch = reader;
+          while (!this.#stopping) {
+            const { done, value } = await reader.read();
+            if (done) break;
+            this.#paused = value[1].value === true;
+            pause = 100;
+            this.#poke();
+          }
+        } catch {
+          // The server went away (restart, network): due-time timers still
+          // fire; re-open the watch with a growing pause.
+        }
+        if (this.#stopping) break;
+        await new Promise((r) => setTimeout(r, pause));
+        pause = Math.min(pause * 2, 5_000);
+        this.#poke();
+      }
+    })();
+  }
+
+  /**
+   * Free slots worth a claim round. Under a backlog a runner waits for
+   * `FILL_COMMITS` claim commits' worth of free slots (as many claims as fit
+   * the request budget each) instead of claiming one at a time as handlers
+   * end: fewer, fuller claim commits per message. Without a backlog it
+   * claims as soon as a slot is free, so latency is not affected.
+   */
+  #minFill(): number {
+    return this.#backlog ? Math.min(this.concurrency, FILL_COMMITS * this.#perCommit) : 1;
+  }
+
+  /** Free handler slots; completions still committing count half, so they cannot pile up. */
+  #free(): number {
+    return Math.min(this.concurrency - this.#active, 2 * this.concurrency - this.#held.size);
+  }
+
+  async #loop(): Promise<void> {
+    this.#startWatch();
+    try {
+      this.#paused = await this.queue.isPaused();
+    } catch { /* the watch tells soon */ }
+    try {
+      while (!this.#stopping) {
+        this.#wakePending = false;
+        let nextDue: number;
+        this.#maybeSweep();
+        try {
+          nextDue = await this.#fill();
+        } catch {
+          // The server may be briefly unreachable; look again after a pause.
+          nextDue = Date.now() + 1000;
+        }
+        if (this.#stopping) break;
+        if (this.#wakePending) continue;
+        const wait = Math.min(nextDue - Date.now(), IDLE_RECHECK_MS);
+        const full = this.#free() < this.#minFill();
+        if (wait <= 0 && !full) continue;
+        await new Promise<void>((resolve) => {
+          let timer: ReturnType<typeof setTimeout> | undefined;
+          this.#wake = () => {
+            clearTimeout(timer);
+            resolve();
+          };
+          // When full, a finishing handler pokes.
+          if (!full) timer = setTimeout(() => this.#poke(), Math.max(wait, 0) + 1);
+        });
+      }
+    } finally {
+      this.#wake = null;
+      // Not awaited: a watch stream may only notice the cancel at its next
+      // frame, and stopping must not wait for that.
+      this.#watch?.cancel().catch(() => {});
+      this.#watch = null;
+    }
+  }
+
+  /**
+   * Claims due messages until the slots are full or none is due, and returns
+   * when the earliest entry it saw but could not take yet is due. One list
+   * answers both: entries are ordered by due time.
+   *
+   * Runners that all took the first due entries would fight over them (one
+   * wins, the others' commits fail). So a runner that lost a race spreads
+   * out: it lists `spread` times as many due entries as it has free slots and
+   * claims every `spread`-th from a random offset, so concurrent runners
+   * mostly take different entries. Spread doubles on each lost race (up to
+   * `MAX_SPREAD`) and shrinks after a run of clean claims; a runner alone
+   * stays at 1 and takes entries in due order.
+   */
+  async #fill(): Promise<number> {
+    const root = this.queue.keys.scheduleRoot();
+    while (!this.#stopping) {
+      const free = this.#free();
+      if (free < this.#minFill() || this.#paused) return Infinity;
+      const now = Date.now();
+      const due: Deno.KvEntry<Envelope>[] = [];
+      let nextDue = Infinity;
+      let listed = 0;
+      let ownExpired = false;
+      const limit = Math.min(free * this.#spread, MAX_LIST);
+      for await (const e of this.kv.list<Envelope>({ prefix: root }, { limit, batchSize: limit })) {
+        listed++;
+        const at = dueOf(e.key);
+        if (at > now) {
+          nextDue = at;
+          break;
+        }
+        // A lease that ran out while its handler still runs in this process
+        // (renewals failing, or released by a stop that timed out): leave it.
+        const id = idOf(e.key);
+        if (this.#held.has(id) || RUNNING_HERE.has(id)) ownExpired = true;
+        else due.push(e);
+      }
+      if (due.length > 0) {
+        this.#perCommit = Math.max(
+          1,
+          Math.min(CHECKS_PER_COMMIT, Math.floor(REQUEST_BUDGET_BYTES / this.#claimBytes(due[0]))),
+        );
+      }
+      const lost = due.length > 0 && !await this.#claim(pick(due, free), now);
+      if (this.#stopping) break;
+      if (lost) {
+        // Another worker moved entries: spread out and look again at once.
+        this.#spread = Math.min(this.#spread * 2, MAX_SPREAD);
+        this.#cleanClaims = 0;
+        continue;
+      }
+      if (due.length > 0 && ++this.#cleanClaims >= SPREAD_DECAY_AFTER && this.#spread > 1) {
+        this.#spread--;
+        this.#cleanClaims = 0;
+      }
+      if (ownExpired) return Math.min(nextDue, Date.now() + 250);
+      if (listed === limit && nextDue === Infinity) {
+        this.#backlog = true;
+        continue;
+      }
+      this.#backlog = false;
+      return nextDue;
+    }
+    return Infinity;
+  }
+
+  /** Estimated bytes of one claim: check, delete and a set of the moved envelope. */
+  #claimBytes(e: Deno.KvEntry<Envelope>): number {
+    return 3 * keyBytes(e.key) + valueBytes(e.value) + this.#owner.length + 50;
+  }
+
+  /** Claims `entries` in commits of up to ten; false if any of them was lost to another worker. */
+  async #claim(entries: Deno.KvEntry<Envelope>[], now: number): Promise<boolean> {
+    const groups = pack(entries, (e) => this.#claimBytes(e), 0, CHECKS_PER_COMMIT);
+    const results = await Promise.all(groups.map((group) => this.#claimGroup(group, now)));
+    return !results.includes(false);
+  }
+
+  /**
+   * Claims `group` in one commit checked by the entries' versionstamps. A
+   * claim that went in but was reported lost (a re-sent commit whose second
+   * copy failed its checks, or a lost answer) is recognised by the moved
+   * entries carrying this runner's mark and the attempt it wrote.
+   */
+  async #claimGroup(group: Deno.KvEntry<Envelope>[], now: number): Promise<boolean> {
+    const k = this.queue.keys;
+    const until = now + this.leaseMs;
+    const op = this.kv.atomic();
+    const claimed = group.map((e) => {
+      const id = idOf(e.key);
+      const envelope: Envelope = {
+        ...e.value,
+        o: this.#owner,
+        n: e.value.n + 1,
+      };
+      const key = k.schedule(until, id);
+      op.check(e).delete(e.key).set(key, envelope);
+      return { id, envelope, key };
+    });
+    // The value never changes while the message is pending: read the ones
+    // not in their envelope alongside the claim instead of after it.
+    const read = this.#readValues(claimed.filter((c) => !c.envelope.iv).map((c) => c.id));
+    const [res, values] = await Promise.all([
+      commitExact(op, () => this.#ownedStamp(claimed)),
+      read,
+    ]);
+    if (!res.ok) return false;
+    for (const c of claimed) {
+      const held: Held = {
+        ...c,
+        value: c.envelope.iv ? c.envelope.v : values.get(c.id),
+        stamp: res.versionstamp,
+        running: true,
+        lost: false,
+        abort: new AbortController(),
+      };
+      this.#active++;
+      RUNNING_HERE.add(c.id);
+      this.#held.set(c.id, { held, done: this.#runHandler(held) });
+    }
+    return true;
+  }
+
+  /**
+   * The versionstamp of the entries at `keys` if every one carries this
+   * runner's mark with the attempt count in `envelope`: the commit that
+   * wrote them was ours.
+   */
+  async #ownedStamp(
+    moved: readonly { key: Deno.KvKey; envelope: Envelope }[],
+  ): Promise<string | null> {
+    const entries = await this.kv.getMany<Envelope[]>(moved.map((m) => m.key));
+    const ours = entries.every((e, i) =>
+      e.value?.o === this.#owner && e.value.n === moved[i].envelope.n
+    );
+    return ours ? entries[0].versionstamp : null;
+  }
+
+  async #readValues(ids: string[]): Promise<Map<string, unknown>> {
+    const out = new Map<string, unknown>();
+    if (ids.length === 0) return out;
+    const entries = await this.kv.getMany(ids.map((id) => this.queue.keys.value(id)));
+    entries.forEach((e, i) => out.set(ids[i], e.value));
+    return out;
+  }
+
+  /** The handler for `type` here, if any. */
+  #handlerFor(type: string): ((message: QueueMessage) => unknown) | undefined {
+    if (this.#dispatch) {
+      const mine = this.#dispatchType === undefined || type === this.#dispatchType;
+      return mine ? this.#dispatch : undefined;
+    }
+    const handler = this.queue.handlerFor(type);
+    return handler && ((m: QueueMessage) => handler(m.data, m));
+  }
+
+  async #runHandler(held: Held): Promise<void> {
+    const env = held.envelope;
+    const message: QueueMessage = {
+      id: held.id,
+      type: env.t,
+      data: held.value,
+      attempt: env.n,
+      enqueuedAt: env.at,
+      signal: held.abort.signal,
+    };
+    // Renewals and the final commit are chained so they never race.
+    let chain: Promise<unknown> = Promise.resolve();
+    const renewTimer = setInterval(() => {
+      chain = chain.then(() => this.#renew(held)).catch(() => {});
+    }, Math.max(10, Math.floor(this.leaseMs / 3)));
+    let failure: unknown = null;
+    let failed = false;
+    try {
+      // Yield first so the claim loop keeps going while handlers start; a
+      // claim that landed after stop() gives the message straight back.
+      await Promise.resolve();
+      if (this.#stopping) throw new StopSignal();
+      const handler = this.#handlerFor(env.t);
+      if (!handler) {
+        throw new NoHandler(`no handler for message type ${JSON.stringify(env.t)} here`);
+      }
+      // Deliveries that never ended (a worker killed, a lease lost) count
+      // too: past the last attempt, the message is dead without running.
+      if (env.n > maxAttemptsOf(env)) {
+        throw new Error(
+          `no attempts left: ${
+            env.n - 1
+          } deliveries started and none finished (worker stopped or lease lost)`,
+        );
+      }
+      if (env.to === undefined) await handler(message);
+      else await this.#withTimeout(held, env.to, handler(message));
+    } catch (err) {
+      failed = true;
+      failure = err;
+    }
+    clearInterval(renewTimer);
+    // The slot is free once the handler is done; the final commit runs
+    // beside the next claims.
+    held.running = false;
+    RUNNING_HERE.delete(held.id);
+    this.#active--;
+    this.#poke();
+    await chain;
+    try {
+      if (held.lost) return; // taken over, or released by stop()
+      if (failure instanceof StopSignal) await this.#release(held);
+      else if (!failed) await this.#complete(held);
+      else {
+        try {
+          this.#onError?.(failure, message);
+        } catch { /* a broken callback must not lose the message */ }
+        if (failure instanceof NoHandler) {
+          // Another worker may have the handler (a rolling deploy): back off.
+          const nh = env.nh ?? 0;
+          await this.#release(held, Math.min(NO_HANDLER_DELAY_MS * 2 ** nh, 3_600_000), nh + 1);
+        } else await this.#fail(held, failure);
+      }
+    } catch {
+      // Lost contact with the server: the lease expires and the message returns.
+    } finally {
+      this.#held.delete(held.id);
+      this.#poke();
+    }
+  }
+
+  /**
+   * Waits for a handler's promise for `ms` at most; past that, aborts the
+   * message's signal with a `TimeoutError` and throws it (a failed attempt).
+   */
+  async #withTimeout(held: Held, ms: number, running: unknown): Promise<void> {
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    const timedOut = new Promise<never>((_, reject) => {
+      timer = setTimeout(() => {
+        const error = new DOMException(`the handler ran past timeoutMs (${ms} ms)`, "TimeoutError");
+        held.abort.abort(error);
+        reject(error);
+      }, ms);
+    });
+    try {
+      await Promise.race([running, timedOut]);
+    } finally {
+      clearTimeout(timer);
+    }
+  }
+
+  /** Moves the entry to a new expiry; a failed check means another worker took over. */
+  async #renew(held: Held): Promise<void> {
+    if (held.lost) return;
+    const key = this.queue.keys.schedule(Date.now() + this.leaseMs, held.id);
+    const op = this.#fromHeld(held).set(key, held.envelope);
+    const res = await commitExact(op, () => this.#ownedStamp([{ key, envelope: held.envelope }]));
+    if (res.ok) {
+      held.key = key;
+      held.stamp = res.versionstamp;
+    } else this.#lose(held);
+  }
+
+  /** An atomic operation that proves the lease and takes the entry off the index. */
+  #fromHeld(held: Held, op: Deno.AtomicOperation = this.kv.atomic()): Deno.AtomicOperation {
+    return op.check({ key: held.key, versionstamp: held.stamp }).delete(held.key);
+  }
+
+  /** Adds what finishing `held` deletes, the entry itself included. */
+  #addFinish(op: Deno.AtomicOperation, held: Held): Deno.AtomicOperation {
+    return addEnd(this.queue.keys, op, held);
+  }
+
+  /** Estimated bytes of one completion in a shared commit. */
+  #finishBytes(held: Held): number {
+    const idem = held.envelope.ik;
+    return 2 * keyBytes(held.key) + 36 +
+      (held.envelope.iv ? 0 : keyBytes(this.queue.keys.value(held.id)) + 8) +
+      (idem === undefined ? 0 : keyBytes(this.queue.keys.idempotency(idem)) + 10);
+  }
+
+  /** Completions that finish together share one commit (fewer writes per message). */
+  #complete(held: Held): Promise<void> {
+    if (held.envelope.ok !== undefined) return this.#finishOrdered(held, () => {});
+    const done = Promise.withResolvers<void>();
+    this.#completions.push({ held, done });
+    if (!this.#flushScheduled) {
+      this.#flushScheduled = true;
+      setTimeout(() => this.#flushCompletions(), this.#backlog ? COMPLETION_WINDOW_MS : 0);
+    }
+    return done.promise;
+  }
+
+  #flushCompletions(): void {
+    this.#flushScheduled = false;
+    const pending = this.#completions;
+    this.#completions = [];
+    const count = this.queue.keys.count();
+    const fixed = keyBytes(count) + 26;
+    for (const group of pack(pending, (p) => this.#finishBytes(p.held), fixed, CHECKS_PER_COMMIT)) {
+      (async () => {
+        try {
+          if (group.length > 1) {
+            const op = this.kv.atomic();
+            for (const { held } of group) this.#addFinish(op, held);
+            if ((await op.sum(count, minus(group.length)).commit()).ok) {
+              for (const { done } of group) done.resolve();
+              return;
+            }
+          }
+          // A lost lease in the group: commit each alone so the others still finish.
+          await Promise.all(group.map(async ({ held, done }) => {
+            try {
+              await this.#addFinish(this.kv.atomic(), held).sum(count, minus(1)).commit();
+              done.resolve();
+            } catch (err) {
+              done.reject(err);
+            }
+          }));
+        } catch (err) {
+          for (const { done } of group) done.reject(err);
+        }
+      })();
+    }
+  }
+
+  /** Finishes the head of an ordering key's line (see `lines.ts`). */
+  async #finishOrdered(held: Held, extra: (op: Deno.AtomicOperation) => void): Promise<void> {
+    await endInLine(this.kv, this.queue.keys, held, extra);
+  }
+
+  async #fail(held: Held, error: unknown): Promise<void> {
+    const k = this.queue.keys;
+    const env = held.envelope;
+    const attempts = env.n;
+    const max = maxAttemptsOf(env);
+    if (attempts < max) {
+      const schedule = env.b ?? DEFAULT_BACKOFF_SCHEDULE;
+      const delay = schedule.length === 0
+        ? 0
+        : schedule[Math.min(attempts - 1, schedule.length - 1)];
+      return await this.#putBack(held, Date.now() + delay);
+    }
+    const dead: Omit<DeadLetter, "value" | "id"> = {
+      type: env.t,
+      attempts: Math.min(attempts, max),
+      error: errorText(error).slice(0, 2000),
+      failedAt: Date.now(),
+      enqueuedAt: env.at,
+    };
+    if (env.ok !== undefined) dead.orderingKey = env.ok;
+    // Deno allows any number of keysIfUndelivered: past what one commit may
+    // hold, they are written first, a commit's worth at a time (sets, so a
+    // second worker doing it again after a lost lease changes nothing).
+    const allKeys = env.u ?? [];
+    const early = allKeys.length > MAX_KEYS_IF_UNDELIVERED ? allKeys : [];
+    const bury = (withKeys: boolean) => (op: Deno.AtomicOperation) => {
+      if (withKeys && early.length === 0) { for (const key of allKeys) op.set(key, held.value); }
+      // With no retention (withQueues, as Deno) only keysIfUndelivered get it.
+      if (this.queue.deadLetterRetentionMs === 0) return;
+      op.set(k.dead(held.id), dead).set(k.deadValue(held.id), held.value)
+        .set(k.deadIndex(dead.failedAt, held.id), 1).sum(k.deadCount(), 1n);
+    };
+    const finish = (withKeys: boolean) => {
+      if (env.ok !== undefined) return this.#finishOrdered(held, bury(withKeys));
+      const op = this.#addFinish(this.kv.atomic(), held).sum(k.count(), minus(1));
+      bury(withKeys)(op);
+      return op.commit();
+    };
+    try {
+      for (const part of chunks(early, MAX_KEYS_IF_UNDELIVERED)) {
+        const op = this.kv.atomic();
+        for (const key of part) op.set(key, held.value);
+        await op.commit();
+      }
+      await finish(true);
+    } catch (err) {
+      // keysIfUndelivered the client refuses must not keep the message alive
+      // for ever: bury it without them, and say so.
+      if (!(err instanceof TypeError) || !env.u?.length) throw err;
+      dead.error = `${dead.error.slice(0, 1500)} (keysIfUndelivered not written: ${err.message})`;
+      await finish(false);
+    }
+  }
+
+  /**
+   * Gives the message back: at once and not counted as a delivery (stop,
+   * claimed after stop), or after `delayMs` with `nh` bounces (no handler).
+   */
+  #release(held: Held, delayMs = 0, nh?: number): Promise<void> {
+    const changes: Partial<Envelope> = { n: held.envelope.n - 1 };
+    if (nh !== undefined) changes.nh = nh;
+    return this.#putBack(held, Date.now() + delayMs, changes);
+  }
+
+  /**
+   * Moves a held message off its lease to `due` in the index, unowned, with
+   * `changes` to its envelope. The signal tells idle workers elsewhere that
+   * something is due earlier than they thought.
+   */
+  async #putBack(held: Held, due: number, changes: Partial<Envelope> = {}): Promise<void> {
+    const k = this.queue.keys;
+    const { o: _, ...unleased } = held.envelope;
+    await this.#fromHeld(held)
+      .set(k.schedule(due, held.id), { ...unleased, ...changes })
+      .set(k.signal(), held.id)
+      .commit();
+  }
+}
