@@ -7,7 +7,7 @@ import { isAbsolute, resolve } from "node:path";
 import { createApp } from "./app.ts";
 import { statusRoutes } from "./status.ts";
 import { type MetricsConfig, metricsConfig, ProxyMetrics } from "./metrics.ts";
-import { consoleRoutes, parseQueuePrefixes } from "./console/mod.tsx";
+import { consoleRoutes, parseQueuePrefixes, queueList } from "./console/mod.tsx";
 
 /** The proxy's validated configuration. */
 export interface ProxyConfig {
@@ -117,6 +117,11 @@ export function serveProxy(config: ProxyConfig): Deno.HttpServer {
     dbPath: config.metrics.dbPath,
     s3: config.metrics.s3,
     litestreamAddr: config.metrics.litestreamAddr,
+    // Straight to denokv (as the console): queue reads are not client traffic to count.
+    queues: {
+      openKv: () => Deno.openKv(config.denokvUrl),
+      queues: queueList(config.queuePrefixes),
+    },
   });
   const status = statusRoutes({ dataDir: config.dataDir, accessToken: config.accessToken });
   const app = createApp({

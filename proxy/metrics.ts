@@ -1,8 +1,8 @@
 /**
  * Prometheus metrics of the proxy (prom-client): KV Connect requests by
  * operation and status class, latency, bytes, open watch streams, upstream
- * errors, whether denokv and Litestream are up, how fresh the replica is and
- * the last nightly check. Served on a private port for Fly's `[metrics]`
+ * errors, whether denokv and Litestream are up, how fresh the replica is, the
+ * last nightly check and the depth of each queue. Served on a private port for Fly's `[metrics]`
  * scraper and at `/metrics` on the public port behind the token; the console
  * reads the per-minute usage kept here.
  */
@@ -11,6 +11,8 @@ import { Counter, Gauge, Histogram, Registry } from "prom-client";
 import { readLatest } from "../scripts/backup_check/history.ts";
 import type { S3Config } from "../scripts/backup_check/config.ts";
 import { ReplicaWatch } from "./metrics_replica.ts";
+import { litestreamRunning, probeDenokv } from "./metrics_probes.ts";
+import { QueueGauges, type QueueMetricsOptions } from "./metrics_queues.ts";
 import { bearerToken, tokenMatches } from "./console/token.ts";
 
 /** The KV Connect operations, by the path the client posts to. */
@@ -37,8 +39,6 @@ const LATENCY_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5
 /** Deno Deploy billed KV reads per 4 KiB read and writes per 1 KiB written. */
 const READ_UNIT_BYTES = 4096;
 const WRITE_UNIT_BYTES = 1024;
-/** How long the denokv probe of a scrape may take. */
-const PROBE_TIMEOUT_MS = 2_000;
 
 /** One minute of KV traffic, as the console's usage page shows it. */
 export interface MinuteUsage {
@@ -117,6 +117,8 @@ export interface MetricsOptions {
   litestreamAddr?: string;
   /** Minimum time between two listings of the bucket. */
   replicaIntervalMs?: number;
+  /** Queues whose depths each scrape exports (their counters only: a few keys per scrape). */
+  queues?: QueueMetricsOptions;
 }
 
 function statusClass(status: number): string {
@@ -147,6 +149,7 @@ export class ProxyMetrics {
   readonly registry: Registry = new Registry();
   #opts: MetricsOptions;
   #replica?: ReplicaWatch;
+  #queues?: QueueGauges;
   #usage: MinuteUsage[] = [];
   #requests: Counter<"operation" | "status_class">;
   #latency: Histogram<"operation">;
@@ -173,6 +176,7 @@ export class ProxyMetrics {
       });
     }
     const registers = [this.registry];
+    if (opts.queues) this.#queues = new QueueGauges(this.registry, opts.queues);
     this.#requests = new Counter({
       name: "denokv_requests_total",
       help: "KV Connect requests answered by the proxy, by operation and status class.",
@@ -403,7 +407,7 @@ export class ProxyMetrics {
 
   /** The text exposition, with the gauges read now. */
   async metrics(): Promise<string> {
-    const h = await this.health();
+    const [h] = await Promise.all([this.health(), this.#queues?.update()]);
     this.#denokvUp.set(h.denokvUp ? 1 : 0);
     if (h.litestreamUp !== undefined) this.#litestreamUp.set(h.litestreamUp ? 1 : 0);
     if (h.replica) {
@@ -479,8 +483,11 @@ export class ProxyMetrics {
 
   close(): void {
     this.#replica?.close();
+    this.#queues?.close();
   }
 }
+
+export { litestreamRunning };
 
 /** What {@linkcode ProxyMetrics.health} returns. */
 export interface Health {
@@ -490,37 +497,4 @@ export interface Health {
   replica?: import("./metrics_replica.ts").ReplicaState;
   check?: import("../scripts/backup_check/history.ts").CheckRecord;
   now: number;
-}
-
-async function probeDenokv(denokvUrl: string, token: string): Promise<boolean> {
-  try {
-    const res = await fetch(new URL("/", denokvUrl), {
-      method: "POST",
-      headers: { authorization: `Bearer ${token}`, "content-type": "application/json" },
-      body: JSON.stringify({ supportedVersions: [2, 3] }),
-      signal: AbortSignal.timeout(PROBE_TIMEOUT_MS),
-    });
-    await res.body?.cancel();
-    return res.ok;
-  } catch {
-    return false;
-  }
-}
-
-/**
- * True when Litestream's own metrics endpoint (litestream.yml `addr:`, from
- * `LITESTREAM_METRICS_ADDR`) answers and replicates `dbPath`. The proxy runs
- * without --allow-all, which Deno requires for /proc, so it cannot look for
- * the process itself; a stopped (hung) Litestream does not answer either.
- */
-export async function litestreamRunning(addr: string, dbPath: string): Promise<boolean> {
-  try {
-    const res = await fetch(`http://${addr}/metrics`, {
-      signal: AbortSignal.timeout(PROBE_TIMEOUT_MS),
-    });
-    const text = await res.text();
-    return res.ok && text.includes(`db=${JSON.stringify(dbPath)}`);
-  } catch {
-    return false;
-  }
 }

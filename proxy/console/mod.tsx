@@ -11,27 +11,16 @@ import { deleteCookie, getCookie, setCookie } from "hono/cookie";
 import { getConnInfo } from "hono/deno";
 import { fileURLToPath } from "node:url";
 import { type CheckRecord, historyPath } from "../../scripts/backup_check/history.ts";
-import { KvQueue } from "../../lib/kv_queue.ts";
 import type { ProxyMetrics } from "../metrics.ts";
 import { Confirm, Layout } from "./layout.tsx";
 import { decodeKey, formatKey, parseKeyPrefix } from "./kv_format.ts";
-import {
-  DataPage,
-  EntryPage,
-  OverviewPage,
-  QueuesPage,
-  type QueueView,
-  UsagePage,
-} from "./pages.tsx";
+import { DataPage, EntryPage, OverviewPage, UsagePage } from "./pages.tsx";
+import { queueList } from "./queue_list.ts";
+import { queueRoutes } from "./queue_routes.tsx";
 import { csrfMatches, LoginThrottle, type Session, SESSION_COOKIE, Sessions } from "./session.ts";
 import { tokenMatches } from "./token.ts";
 
-/** The queues every server has: the typed API's, the Deno face's and Fedify's. */
-export const DEFAULT_QUEUES: { name: string; prefix: Deno.KvKey }[] = [
-  { name: "KvQueue (default)", prefix: ["__kvq__"] },
-  { name: "withQueues (Deno face)", prefix: ["__kvq__", "deno"] },
-  { name: "Fedify", prefix: ["__kvq__", "fedify"] },
-];
+export { DEFAULT_QUEUES, parseQueuePrefixes, queueList, type QueueRef } from "./queue_list.ts";
 /** Entries per page of the data browser. */
 export const PAGE_SIZE = 20;
 
@@ -46,25 +35,6 @@ export interface ConsoleOptions {
   queuePrefixes?: Deno.KvKey[];
   /** Take the client from Fly's `Fly-Client-IP` (only behind Fly's edge, which sets it). */
   trustFlyClientIp?: boolean;
-}
-
-/** Parses `QUEUE_PREFIXES`: a JSON list of keys of strings and numbers, e.g. `[["jobs"]]`. */
-export function parseQueuePrefixes(raw: string | undefined): Deno.KvKey[] {
-  if (raw === undefined || raw.trim() === "") return [];
-  let parsed: unknown;
-  try {
-    parsed = JSON.parse(raw);
-  } catch {
-    throw new Error(`QUEUE_PREFIXES must be a JSON list of keys such as [["jobs"]]: got ${raw}`);
-  }
-  const ok = Array.isArray(parsed) && parsed.every((k) =>
-    Array.isArray(k) && k.length > 0 &&
-    k.every((p) => typeof p === "string" || typeof p === "number")
-  );
-  if (!ok) {
-    throw new Error(`QUEUE_PREFIXES must be a JSON list of keys such as [["jobs"]]: got ${raw}`);
-  }
-  return parsed as Deno.KvKey[];
 }
 
 const ASSETS: Record<string, { path: string; type: string }> = {
@@ -164,10 +134,7 @@ export function consoleRoutes(opts: ConsoleOptions): (app: Hono) => void {
   if (!opts.accessToken) throw new TypeError(`"accessToken" must be a non-empty string`);
   const sessions = new Sessions();
   const throttle = new LoginThrottle();
-  const queues = [
-    ...DEFAULT_QUEUES,
-    ...(opts.queuePrefixes ?? []).map((prefix) => ({ name: "QUEUE_PREFIXES", prefix })),
-  ];
+  const queues = queueList(opts.queuePrefixes);
   let kv: Promise<Deno.Kv> | undefined;
   const db = () => (kv ??= opts.openKv().catch((err) => {
     kv = undefined;
@@ -267,65 +234,7 @@ export function consoleRoutes(opts: ConsoleOptions): (app: Hono) => void {
       return c.redirect("/console/login", 303);
     });
 
-    app.get("/console/queues", async (c) => {
-      const store = await db();
-      const views: QueueView[] = [];
-      for (const q of queues) {
-        try {
-          const queue = new KvQueue(store, { prefix: q.prefix });
-          const [stats, dead] = await Promise.all([queue.stats(), queue.listDead({ limit: 50 })]);
-          views.push({ ...q, stats, dead });
-        } catch (err) {
-          views.push({ ...q, dead: [], error: err instanceof Error ? err.message : String(err) });
-        }
-      }
-      return c.html(
-        <QueuesPage csrf={sessionOf(c)!.csrf} queues={views} flash={c.req.query("done")} />,
-      );
-    });
-
-    const queueAction = (action: "requeue" | "purge") => async (c: Context) => {
-      const csrf = sessionOf(c)!.csrf;
-      const form = await c.req.parseBody();
-      const prefixParam = String(form.prefix ?? "");
-      const id = String(form.id ?? "");
-      let prefix: Deno.KvKey;
-      try {
-        prefix = decodeKey(prefixParam);
-      } catch (err) {
-        return c.text(`Bad request: ${err instanceof Error ? err.message : err}`, 400);
-      }
-      if (!queues.some((q) => formatKey(q.prefix) === formatKey(prefix)) || !id) {
-        return c.text("Bad request: unknown queue or no message id.", 400);
-      }
-      if (form.confirm !== "yes") {
-        return c.html(
-          <Confirm
-            csrf={csrf}
-            action={`/console/queues/${action}`}
-            question={action === "requeue"
-              ? `Requeue dead letter ${id} of ${formatKey(prefix)}? It will be delivered again.`
-              : `Purge dead letter ${id} of ${formatKey(prefix)}? It is deleted for good.`}
-            fields={{ prefix: prefixParam, id }}
-            back="/console/queues"
-          />,
-        );
-      }
-      const queue = new KvQueue(await db(), { prefix });
-      let done: string;
-      if (action === "requeue") {
-        const newId = await queue.requeueDead(id);
-        done = newId === null
-          ? `Dead letter ${id} was already gone.`
-          : `Requeued ${id} as ${newId}.`;
-      } else {
-        const n = await queue.purgeDead([id]);
-        done = `Purged ${n} dead letter(s).`;
-      }
-      return c.redirect(`/console/queues?done=${encodeURIComponent(done)}`, 303);
-    };
-    app.post("/console/queues/requeue", queueAction("requeue"));
-    app.post("/console/queues/purge", queueAction("purge"));
+    queueRoutes(app, { queues, db, csrfOf: (c) => sessionOf(c)!.csrf });
 
     app.get("/console/data", async (c) => {
       const csrf = sessionOf(c)!.csrf;

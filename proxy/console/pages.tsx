@@ -1,11 +1,11 @@
 /** @jsxImportSource hono/jsx */
 /**
  * The console's pages, server-rendered with Hono's JSX: overview (health,
- * replication, backup checks, traffic), queues, the data browser and usage.
- * They take plain data; `mod.tsx` gathers it and handles the requests.
+ * replication, backup checks, traffic), the data browser and usage (the queue
+ * pages are in `queue_pages.tsx`). They take plain data; `mod.tsx` gathers it
+ * and handles the requests.
  */
 import type { CheckRecord } from "../../scripts/backup_check/history.ts";
-import type { DeadLetter, QueueStats } from "../../lib/kv_queue.ts";
 import type { Health, MinuteUsage } from "../metrics.ts";
 import { Chart, Csrf, Layout } from "./layout.tsx";
 import { encodeKey, formatKey, formatValue, valueType } from "./kv_format.ts";
@@ -133,100 +133,6 @@ export function OverviewPage(
           usage.map((u) => (u.requests ? u.latencyMsMax : null)),
         ]}
       />
-    </Layout>
-  );
-}
-
-/** One queue prefix's figures, or why they could not be read. */
-export interface QueueView {
-  name: string;
-  prefix: Deno.KvKey;
-  stats?: QueueStats;
-  dead: DeadLetter[];
-  error?: string;
-}
-
-/** The queues: counts, dead letters with requeue and purge. */
-export function QueuesPage(props: { csrf: string; queues: QueueView[]; flash?: string }) {
-  return (
-    <Layout title="Queues" csrf={props.csrf} active="/console/queues">
-      {props.flash && <p class="flash" id="flash">{props.flash}</p>}
-      <p class="muted">
-        Queue prefixes: the library's defaults and those in <code>QUEUE_PREFIXES</code>{" "}
-        (a JSON list of keys). Pending messages cannot be listed or cancelled: the queue engine has
-        no API for that yet.
-      </p>
-      {props.queues.map((q) => {
-        const enc = encodeKey(q.prefix);
-        return (
-          <section class="queue" data-prefix={formatKey(q.prefix)}>
-            <h2>
-              {q.name} <code>{formatKey(q.prefix)}</code>
-            </h2>
-            {q.error && <p class="error">{q.error}</p>}
-            {q.stats && (
-              <table class="queue-stats">
-                <tr>
-                  <th>ready</th>
-                  <th>delayed</th>
-                  <th>running</th>
-                  <th>dead</th>
-                </tr>
-                <tr>
-                  <td class="ready">{q.stats.ready}</td>
-                  <td class="delayed">{q.stats.delayed}</td>
-                  <td class="running">{q.stats.running}</td>
-                  <td class="dead">{q.stats.dead}</td>
-                </tr>
-              </table>
-            )}
-            {q.dead.length > 0 && (
-              <>
-                <h3>Dead letters</h3>
-                <table class="dead-letters">
-                  <tr>
-                    <th>id</th>
-                    <th>type</th>
-                    <th>value</th>
-                    <th>attempts</th>
-                    <th>error</th>
-                    <th>failed</th>
-                    <th></th>
-                  </tr>
-                  {q.dead.map((d) => (
-                    <tr data-id={d.id}>
-                      <td>
-                        <code>{d.id}</code>
-                      </td>
-                      <td>{d.type}</td>
-                      <td>
-                        <pre>{formatValue(d.value)}</pre>
-                      </td>
-                      <td>{d.attempts}</td>
-                      <td class="dead-error">{d.error}</td>
-                      <td>{new Date(d.failedAt).toISOString()}</td>
-                      <td>
-                        <form method="post" action="/console/queues/requeue" class="inline">
-                          <Csrf token={props.csrf} />
-                          <input type="hidden" name="prefix" value={enc} />
-                          <input type="hidden" name="id" value={d.id} />
-                          <button type="submit" class="requeue">Requeue</button>
-                        </form>{" "}
-                        <form method="post" action="/console/queues/purge" class="inline">
-                          <Csrf token={props.csrf} />
-                          <input type="hidden" name="prefix" value={enc} />
-                          <input type="hidden" name="id" value={d.id} />
-                          <button type="submit" class="purge">Purge</button>
-                        </form>
-                      </td>
-                    </tr>
-                  ))}
-                </table>
-              </>
-            )}
-          </section>
-        );
-      })}
     </Layout>
   );
 }
