@@ -1,7 +1,8 @@
 /**
  * The operator's console (`proxy/console/`) in a real browser: headless
  * Debian Chromium driven by playwright-core against a real stack (supervisord,
- * Litestream, fauxqs). Screenshots of each page go to docs/.
+ * Litestream, fauxqs). Screenshots of each page go to docs/ with
+ * UPDATE_SCREENSHOTS=1.
  */
 import assert from "node:assert/strict";
 import { join } from "node:path";
@@ -55,6 +56,9 @@ async function postLogin(
 /** Screenshots go to docs/ only when asked (`UPDATE_SCREENSHOTS=1`): a test run leaves the tree clean. */
 let shotDir = join(ROOT, "docs");
 
+/** How long the messages of the test's second queue wait: longer than the steps before the cancel. */
+const JOB_DELAY_MS = 25_000;
+
 async function shot(page: Page, name: string): Promise<void> {
   await page.screenshot({ path: join(shotDir, `console-${name}.png`), fullPage: true });
 }
@@ -78,8 +82,8 @@ const TYPED: [string, unknown, string, string][] = [
 ];
 
 Deno.test({
-  name:
-    "console: login, health and backups, dead letter requeue, typed data, delete, usage, logout",
+  name: "console: login, health and backups, dead letter requeue, pause, pending list and " +
+    "cancel (the message never runs), resume, typed data, delete, usage, logout",
   sanitizeOps: false,
   sanitizeResources: false,
   async fn() {
@@ -93,7 +97,10 @@ Deno.test({
       await using stack = await startSupervised(s3, {
         dataDir: join(dir, "data"),
         replicaPath: "console",
-        env: { LITESTREAM_METRICS_ADDR: `127.0.0.1:${freePort()}` },
+        env: {
+          LITESTREAM_METRICS_ADDR: `127.0.0.1:${freePort()}`,
+          QUEUE_PREFIXES: `[["jobs"]]`,
+        },
       });
       await appendHistory(stack.dataDir, record("FAILED", 48));
       await appendHistory(stack.dataDir, record("PASSED", 24));
@@ -189,8 +196,31 @@ Deno.test({
         });
       await shot(page, "overview");
 
-      // Queues: the dead letter with its error; requeue, confirm, then it is delivered.
+      // A second queue, from QUEUE_PREFIXES: 25 delayed messages, no runner yet.
+      const jobs = new KvQueue(kv.current, { prefix: ["jobs"] });
+      const ran: number[] = [];
+      jobs.handle<number>("report", (n) => {
+        ran.push(n);
+      });
+      const jobIds: string[] = [];
+      for (let i = 0; i < 25; i++) {
+        jobIds.push(await jobs.enqueue("report", i, { delayMs: JOB_DELAY_MS }));
+      }
+      const jobsDue = Date.now() + JOB_DELAY_MS;
+
+      // Queues: the counts of each; pause the jobs queue through the confirmation.
       await page.click("text=Queues");
+      const jobsSection = page.locator(`section.queue[data-prefix='["jobs"]']`);
+      assert.equal(await jobsSection.locator("td.delayed").textContent(), "25");
+      assert.equal(await jobsSection.locator(".paused").count(), 0);
+      await jobsSection.locator("button.pause").click();
+      assert.match((await page.textContent("#question")) ?? "", /^Pause \["jobs"\]\?/);
+      await page.click("#confirm");
+      assert.match((await page.textContent("#flash")) ?? "", /^Paused \["jobs"\]/);
+      assert.equal(await jobs.isPaused(), true);
+      assert.equal(await jobsSection.locator(".paused").count(), 1);
+
+      // The dead letter with its error; requeue, confirm, then it is delivered.
       const row = page.locator("section.queue", { hasText: "KvQueue (default)" })
         .locator("table.dead-letters tr", { hasText: "smtp down: boom" });
       assert.equal(await row.count(), 1);
@@ -205,6 +235,63 @@ Deno.test({
       assert.deepEqual(delivered, { to: "ada@example.com" });
       await runner.stop();
       await running;
+      runner = undefined;
+
+      // The jobs queue's delayed messages, 20 and 5 with the cursor; cancel one on page 2.
+      await page.goto(`${url}/console/queues`);
+      await jobsSection.locator("a.pending-delayed").click();
+      const listed = () =>
+        page.locator("#pending tr[data-id]").evaluateAll((rows) =>
+          rows.map((r) => r.getAttribute("data-id"))
+        );
+      assert.deepEqual(await listed(), jobIds.slice(0, 20));
+      await shot(page, "pending");
+      await page.click("#next-page");
+      assert.deepEqual(await listed(), jobIds.slice(20));
+      assert.equal(await page.locator("#next-page").count(), 0);
+      const cancelled = jobIds[22];
+      await page.locator(`#pending tr[data-id="${cancelled}"] button.cancel`).click();
+      assert.match(
+        (await page.textContent("#question")) ?? "",
+        new RegExp(`^Cancel pending message ${cancelled} of \\["jobs"\\]\\?`),
+      );
+      await page.click("#confirm");
+      assert.equal(await page.textContent("#flash"), `Cancelled ${cancelled}: it will not run.`);
+      assert(
+        Date.now() < jobsDue,
+        "the cancel came after the messages were due: raise JOB_DELAY_MS",
+      );
+      await page.click("#next-page");
+      assert.deepEqual(await listed(), [...jobIds.slice(20, 22), ...jobIds.slice(23)]);
+
+      // A runner on the paused queue: past every due time, nothing runs.
+      runner = new KvQueueRunner(kv.current, jobs);
+      const jobsRunning = runner.run();
+      await new Promise((r) => setTimeout(r, jobsDue - Date.now() + 2_000));
+      assert.deepEqual(ran, []);
+      await page.goto(`${url}/console/queues`);
+      assert.equal(await jobsSection.locator("td.ready").textContent(), "24");
+
+      // Resume through the confirmation: the 24 others run, the cancelled one never does.
+      await jobsSection.locator("button.resume").click();
+      assert.match((await page.textContent("#question")) ?? "", /^Resume \["jobs"\]\?/);
+      await page.click("#confirm");
+      assert.match((await page.textContent("#flash")) ?? "", /^Resumed \["jobs"\]/);
+      assert.equal(await jobs.isPaused(), false);
+      await waitFor("the 24 other messages to run", () => ran.length >= 24, {
+        timeoutMs: 60_000,
+      });
+      await waitFor("the jobs queue to be empty", async () => {
+        const s = await jobs.stats();
+        return s.ready + s.delayed + s.running === 0;
+      }, { timeoutMs: 30_000, intervalMs: 200 });
+      await new Promise((r) => setTimeout(r, 1_000));
+      assert.deepEqual(
+        ran.toSorted((a, b) => a - b),
+        [...Array(25).keys()].filter((i) => i !== 22),
+      );
+      await runner.stop();
+      await jobsRunning;
       runner = undefined;
 
       // Data: a prefix, each type shown exactly.
