@@ -2,7 +2,8 @@
  * Metrics (`proxy/metrics.ts`) on a real stack: known KV Connect traffic goes
  * through the proxy under supervisord, and the scrape, parsed with a
  * Prometheus text parser, must count exactly that; replication lag must rise
- * while Litestream is stopped; the public `/metrics` needs the token.
+ * while Litestream is stopped; the public `/metrics` needs the token; queue
+ * depths equal what was enqueued, read from the engine's counters.
  */
 import assert from "node:assert/strict";
 import { join } from "node:path";
@@ -11,6 +12,8 @@ import { freePort, openRemoteKv, ROOT, TEST_TOKEN, waitFor } from "./_helpers/pr
 import { startFauxS3 } from "./_helpers/s3.ts";
 import { cmdline, descendants, startSupervised, waitHealthy } from "./_helpers/supervised.ts";
 import { appendHistory } from "../scripts/backup_check/history.ts";
+import { KvQueue, KvQueueRunner } from "../lib/kv_queue.ts";
+import { readQueueCounters } from "../proxy/metrics_queues.ts";
 
 interface Family {
   name: string;
@@ -307,4 +310,147 @@ Deno.test("ProxyMetrics.routes() accepts a token with ':', '!' and '#' (Hono's b
     assert.equal(res.status, 401, wrong);
   }
   metrics.close();
+});
+
+Deno.test({
+  name: "metrics: queue depths by prefix and state equal what was enqueued, died and paused; " +
+    "denokv stopped: the scrape still answers, without stale depths",
+  sanitizeOps: false,
+  sanitizeResources: false,
+  async fn() {
+    await using s3 = await startFauxS3();
+    const dir = await Deno.makeTempDir({ prefix: "metrics-queue-test-" });
+    const metricsPort = freePort();
+    const privateUrl = `http://127.0.0.1:${metricsPort}`;
+    let runner: KvQueueRunner | undefined;
+    try {
+      await using stack = await startSupervised(s3, {
+        dataDir: join(dir, "data"),
+        replicaPath: "queues",
+        env: {
+          METRICS_PORT: String(metricsPort),
+          METRICS_HOSTNAME: "127.0.0.1",
+          QUEUE_PREFIXES: `[["jobs"]]`,
+        },
+      });
+      const kv = await openRemoteKv(stack.url);
+      try {
+        // Default queue: N delayed; Deno face: M ready; jobs: D dead and P delayed, paused.
+        const N = 7, M = 3, D = 4, P = 2;
+        const plain = new KvQueue(kv);
+        const ids = await plain.enqueueMany("later", [...Array(N).keys()], { delayMs: 600_000 });
+        const deno = new KvQueue(kv, { prefix: ["__kvq__", "deno"] });
+        for (let i = 0; i < M; i++) await deno.enqueue("now", i);
+        const jobs = new KvQueue(kv, { prefix: ["jobs"] });
+        jobs.handle("fail", () => {
+          throw new Error("always fails");
+        });
+        runner = new KvQueueRunner(kv, jobs);
+        const running = runner.run();
+        await jobs.enqueueMany("fail", [...Array(D).keys()], { maxAttempts: 1 });
+        await waitFor("the jobs to die", async () => (await jobs.stats()).dead === D, {
+          timeoutMs: 30_000,
+          intervalMs: 200,
+        });
+        await runner.stop();
+        await running;
+        runner = undefined;
+        await jobs.enqueueMany("fail", [...Array(P).keys()], { delayMs: 600_000 });
+        await jobs.pause();
+
+        const depth = (m: Family[], prefix: Deno.KvKey, state: string) =>
+          value(m, "denokv_queue_messages", { prefix: JSON.stringify(prefix), state });
+        const m = await scrape(privateUrl);
+        assert.equal(
+          m.find((f) => f.name === "denokv_queue_messages")?.metrics.length,
+          8,
+          "pending and dead for the 3 default queues and QUEUE_PREFIXES' one",
+        );
+        assert.deepEqual(
+          [
+            ["__kvq__"],
+            ["__kvq__", "deno"],
+            ["__kvq__", "fedify"],
+            ["jobs"],
+          ].map((p) => [depth(m, p, "pending"), depth(m, p, "dead")]),
+          [[N, 0], [M, 0], [0, 0], [P, D]],
+        );
+        assert.equal(value(m, "denokv_queue_paused", { prefix: `["jobs"]` }), 1);
+        assert.equal(value(m, "denokv_queue_paused", { prefix: `["__kvq__"]` }), 0);
+        assert.equal(value(m, "denokv_queue_read_failed"), 0);
+
+        // The counters move with the queue: a cancel, a purge and a resume show at the next scrape.
+        assert.equal(await plain.cancel(ids[0]), true);
+        assert.equal(await jobs.purgeDead(), D);
+        await jobs.resume();
+        const after = await scrape(privateUrl);
+        assert.equal(depth(after, ["__kvq__"], "pending"), N - 1);
+        assert.equal(depth(after, ["jobs"], "dead"), 0);
+        assert.equal(value(after, "denokv_queue_paused", { prefix: `["jobs"]` }), 0);
+
+        // denokv stopped: the scrape answers in time and exports no stale depths.
+        await supervisorctl(stack.env, "stop");
+        const started = performance.now();
+        const down = await scrape(privateUrl);
+        const ms = performance.now() - started;
+        assert(ms < 10_000, `the scrape took ${ms} ms with denokv stopped`);
+        assert.equal(value(down, "denokv_queue_read_failed"), 1);
+        assert.equal(down.find((f) => f.name === "denokv_queue_messages")?.metrics.length ?? 0, 0);
+        await supervisorctl(stack.env, "start");
+        await waitHealthy(stack);
+        await waitFor("the queue depths to come back", async () => {
+          const back = await scrape(privateUrl);
+          return value(back, "denokv_queue_read_failed") === 0 &&
+            depth(back, ["__kvq__"], "pending") === N - 1;
+        }, { timeoutMs: 30_000, intervalMs: 500 });
+      } finally {
+        await runner?.stop().catch(() => {});
+        kv.close();
+      }
+    } finally {
+      await Deno.remove(dir, { recursive: true }).catch(() => {});
+    }
+  },
+});
+
+Deno.test("readQueueCounters() reads the same few keys for an empty queue and a backlog of 2,000", async () => {
+  const kv = await Deno.openKv(":memory:");
+  const calls = { getMany: 0, keys: 0, other: 0 };
+  // Counts every read the function makes: getMany calls and their keys, and anything else.
+  const counting = new Proxy(kv, {
+    get(target, name) {
+      const v = Reflect.get(target, name);
+      if (typeof v !== "function") return v;
+      return (...args: unknown[]) => {
+        if (name === "getMany") {
+          calls.getMany++;
+          calls.keys += (args[0] as unknown[]).length;
+        } else calls.other++;
+        return v.apply(target, args);
+      };
+    },
+  });
+  const queues = [["__kvq__"], ["__kvq__", "deno"], ["__kvq__", "fedify"], ["jobs"]].map((
+    prefix,
+  ) => ({ prefix }));
+  try {
+    const empty = await readQueueCounters(counting, queues);
+    assert.deepEqual(empty.map((q) => [q.pending, q.dead, q.paused]), Array(4).fill([0, 0, false]));
+    const reads = { ...calls };
+    assert.deepEqual(reads, { getMany: 2, keys: 12, other: 0 });
+
+    const jobs = new KvQueue(kv, { prefix: ["jobs"] });
+    for (let i = 0; i < 2_000; i += 500) {
+      await jobs.enqueueMany("x", Array(500).fill(i), { delayMs: 600_000 });
+    }
+    await jobs.pause();
+    calls.getMany = calls.keys = calls.other = 0;
+    const full = await readQueueCounters(counting, queues);
+    assert.deepEqual(calls, reads);
+    assert.deepEqual(full[3], { prefix: ["jobs"], pending: 2_000, dead: 0, paused: true });
+    const stats = await jobs.stats();
+    assert.equal(stats.ready + stats.delayed + stats.running, full[3].pending);
+  } finally {
+    kv.close();
+  }
 });
