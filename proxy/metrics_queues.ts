@@ -73,6 +73,8 @@ export function prefixLabel(prefix: Deno.KvKey): string {
 export class QueueGauges {
   #opts: QueueMetricsOptions;
   #kv?: Promise<Deno.Kv>;
+  /** A read still waiting (denokv down: the KV client retries): later scrapes wait on it, not pile up. */
+  #reading?: Promise<QueueCounters[]>;
   #messages: Gauge<"prefix" | "state">;
   #paused: Gauge<"prefix">;
   #failed: Gauge;
@@ -104,8 +106,9 @@ export class QueueGauges {
   async update(): Promise<void> {
     let timer: ReturnType<typeof setTimeout> | undefined;
     try {
+      this.#reading ??= this.#read().finally(() => this.#reading = undefined);
       const counters = await Promise.race([
-        this.#read(),
+        this.#reading,
         new Promise<never>((_, reject) => {
           timer = setTimeout(() => reject(new Error("timed out")), READ_TIMEOUT_MS);
         }),

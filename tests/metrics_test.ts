@@ -39,7 +39,8 @@ function value(families: Family[], name: string, labels: Record<string, string> 
 let lastText = "";
 
 async function scrape(url: string, headers: Record<string, string> = {}): Promise<Family[]> {
-  const res = await fetch(`${url}/metrics`, { headers });
+  // A scrape that hangs fails the test instead of stalling it.
+  const res = await fetch(`${url}/metrics`, { headers, signal: AbortSignal.timeout(30_000) });
   const text = await res.text();
   assert.equal(res.status, 200, text);
   assert.match(res.headers.get("content-type") ?? "", /^text\/plain; version=0.0.4/);
