@@ -79,7 +79,7 @@ export function QueuesPage(props: { csrf: string; queues: QueueView[]; flash?: s
               </table>
             )}
             {q.paused !== undefined && (
-              <p class="queue-actions">
+              <div class="queue-actions">
                 Pending messages: {PENDING_STATES.map((state) => (
                   <>
                     <a class={`pending-${state}`} href={pendingHref(enc, state)}>{state}</a>
@@ -89,7 +89,7 @@ export function QueuesPage(props: { csrf: string; queues: QueueView[]; flash?: s
                 {q.paused
                   ? <QueueButton csrf={props.csrf} action="resume" prefix={enc} label="Resume" />
                   : <QueueButton csrf={props.csrf} action="pause" prefix={enc} label="Pause" />}
-              </p>
+              </div>
             )}
             {q.dead.length > 0 && (
               <>
