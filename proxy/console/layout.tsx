@@ -82,7 +82,7 @@ export function Confirm(
         ))}
         <input type="hidden" name="confirm" value="yes" />
         <button type="submit" id="confirm" class="danger">Yes, do it</button>{" "}
-        <a href={props.back}>Cancel</a>
+        <a href={props.back} id="back">No, go back</a>
       </form>
     </Layout>
   );
