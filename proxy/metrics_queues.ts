@@ -42,6 +42,17 @@ function count(entry: Deno.KvEntryMaybe<unknown>): number {
  * `getMany` calls, the same for an empty queue and a backlog of 100,000. The
  * keys come from the engine's own key builder (`KvQueue.keys`), so they
  * follow its layout (`lib/queue/keys.ts`).
+ *
+ * @example
+ * ```ts
+ * import { KvQueue } from "../lib/kv_queue.ts";
+ * import { readQueueCounters } from "./metrics_queues.ts";
+ * const kv = await Deno.openKv(":memory:");
+ * await new KvQueue(kv, { prefix: ["jobs"] }).enqueue("x", 1, { delayMs: 60_000 });
+ * const [jobs] = await readQueueCounters(kv, [{ prefix: ["jobs"] }]);
+ * if (jobs.pending !== 1 || jobs.dead !== 0) throw new Error(JSON.stringify(jobs));
+ * kv.close();
+ * ```
  */
 export async function readQueueCounters(
   kv: Deno.Kv,
