@@ -29,6 +29,8 @@ import type { QueueMessage } from "./types.ts";
  * alike), which keeps commits per message flat as runners get smaller.
  */
 const FILL_COMMITS = 2;
+/** How long a runner under a backlog waits for that many free slots before taking fewer. */
+const FILL_WAIT_MS = 25;
 /** Most entries one claim round lists (spread times free slots). */
 const MAX_LIST = 200;
 /** Largest claim spread: wider lists cost more reads than the races they avoid (measured). */
@@ -148,6 +150,8 @@ export class KvQueueRunner {
   #backlog = false;
   /** Claims that fit one commit, from the size of the last entry claimed. */
   #perCommit = 1;
+  /** Since when free slots have been fewer than a claim round wants (0: not short). */
+  #shortSince = 0;
   #wake: (() => void) | null = null;
   #watch: ReadableStreamDefaultReader<Deno.KvEntryMaybe<unknown>[]> | null = null;
   /** Completions, retries, dead letters and releases of held messages. */
@@ -276,7 +280,15 @@ export class KvQueueRunner {
    * claims as soon as a slot is free, so latency is not affected.
    */
   #minFill(): number {
-    return this.#backlog ? Math.min(this.concurrency, FILL_COMMITS * this.#perCommit) : 1;
+    if (!this.#backlog) return 1;
+    const want = Math.min(this.concurrency, FILL_COMMITS * this.#perCommit);
+    if (this.#free() >= want) {
+      this.#shortSince = 0;
+      return want;
+    }
+    // Slots held by long handlers may not come free soon: do not wait long.
+    this.#shortSince ||= Date.now();
+    return Date.now() - this.#shortSince >= FILL_WAIT_MS ? 1 : want;
   }
 
   /** Free handler slots; completions still committing count half, so they cannot pile up. */
@@ -303,7 +315,8 @@ export class KvQueueRunner {
         if (this.#stopping) break;
         if (this.#wakePending) continue;
         const wait = Math.min(nextDue - Date.now(), IDLE_RECHECK_MS);
-        const full = this.#free() < this.#minFill();
+        const free = this.#free();
+        const full = free < this.#minFill();
         if (wait <= 0 && !full) continue;
         await new Promise<void>((resolve) => {
           let timer: ReturnType<typeof setTimeout> | undefined;
@@ -313,6 +326,8 @@ export class KvQueueRunner {
           };
           // When full, a finishing handler pokes.
           if (!full) timer = setTimeout(() => this.#poke(), Math.max(wait, 0) + 1);
+          // Waiting for more free slots under a backlog: at most FILL_WAIT_MS.
+          else if (free > 0) timer = setTimeout(() => this.#poke(), FILL_WAIT_MS + 1);
         });
       }
     } finally {
