@@ -13,6 +13,7 @@ import {
   litestreamAddressingEnv,
   s3AddressingStyle,
 } from "./boot/s3_addressing.ts";
+import { claimReplicaLease } from "./boot/lease.ts";
 
 /** denokv refuses shorter tokens (`run_serve` in denokv's main.rs). */
 export const MIN_TOKEN_LENGTH = 12;
@@ -317,6 +318,8 @@ export async function prepare(
 if (import.meta.main) {
   try {
     const config = loadConfig(Deno.env.toObject());
+    // One writer per replica: wait here, before any restore, while another machine holds it.
+    await claimReplicaLease(Deno.env.toObject(), (line) => console.error(`start_denokv: ${line}`));
     const argv = await prepare(config, (line) => console.error(`start_denokv: ${line}`));
     console.log(argv.join("\n"));
   } catch (err) {
