@@ -4,7 +4,7 @@
  * stack on the same replica path waits, takes over once the first is killed
  * and its lease goes stale, and a holder cut off from S3 stops denokv before
  * its lease could be taken over. Stacks are the real supervisord.conf with
- * the real Litestream and denokv (the stand-in when denokv is not installed).
+ * the real Litestream and the denokv the other tests run (tests/_helpers/processes.ts).
  */
 import assert from "node:assert/strict";
 import { existsSync } from "node:fs";
@@ -35,10 +35,6 @@ const RENEW_MS = 2_000;
 const BOOT_TIMEOUT_MS = 90_000;
 
 const LITESTREAM_DIR = join(ROOT, "node_modules/@flydotio/litestream-linux-x64");
-const REAL_DENOKV_DIR = join(
-  Deno.env.get("HOME") ?? "/root",
-  ".cache/denokv-on-fly/denokv-0.14.0/bin",
-);
 
 function leaseEnv(s3: MinioS3, holder: string, replicaPath: string, endpoint?: string) {
   return {
@@ -134,11 +130,7 @@ async function startStack(
   const dataDir = await Deno.makeTempDir({ prefix: "lease-stack-" });
   const port = freePort();
   const denokvPort = freePort();
-  const path = [
-    existsSync(join(REAL_DENOKV_DIR, "denokv")) ? REAL_DENOKV_DIR : undefined,
-    LITESTREAM_DIR,
-    TEST_PATH,
-  ].filter(Boolean).join(":");
+  const path = `${LITESTREAM_DIR}:${TEST_PATH}`;
   const child = new Deno.Command("supervisord", {
     args: ["-n", "-c", join(ROOT, "supervisord.conf")],
     cwd: ROOT,
