@@ -38,8 +38,7 @@ const LITESTREAM_DIR = join(ROOT, "node_modules/@flydotio/litestream-linux-x64")
 
 function leaseEnv(s3: MinioS3, holder: string, replicaPath: string, endpoint?: string) {
   return {
-    ...s3.env(endpoint),
-    REPLICA_PATH: replicaPath,
+    ...s3.env(replicaPath, endpoint),
     FLY_MACHINE_ID: holder,
     LEASE_TTL_MS: String(TTL_MS),
     LEASE_RENEW_MS: String(RENEW_MS),

@@ -6,7 +6,7 @@
  * loopback port. Also a TCP relay that can cut one client off from it.
  */
 import { join } from "node:path";
-import { CreateBucketCommand, S3Client } from "@aws-sdk/client-s3";
+import { CreateBucketCommand, ListObjectsV2Command, S3Client } from "@aws-sdk/client-s3";
 import { freePort, Running, waitFor } from "./processes.ts";
 
 /** The newest MinIO module version on the Go module proxy (its repository is archived). */
@@ -46,8 +46,10 @@ export interface MinioS3 {
   port: number;
   bucket: string;
   client: S3Client;
+  /** Every object key under `prefix`. */
+  keys(prefix?: string): Promise<string[]>;
   /** The S3 environment of the start-up step, the lease and the backup check. */
-  env(endpoint?: string): Record<string, string>;
+  env(replicaPath?: string, endpoint?: string): Record<string, string>;
   [Symbol.asyncDispose](): Promise<void>;
 }
 
@@ -106,8 +108,21 @@ export async function startMinio(bucket = "denokv-lease"): Promise<MinioS3> {
     port,
     bucket,
     client,
-    env(at = endpoint) {
+    async keys(prefix = "") {
+      const keys: string[] = [];
+      let token: string | undefined;
+      do {
+        const page = await client.send(
+          new ListObjectsV2Command({ Bucket: bucket, Prefix: prefix, ContinuationToken: token }),
+        );
+        for (const o of page.Contents ?? []) if (o.Key) keys.push(o.Key);
+        token = page.IsTruncated ? page.NextContinuationToken : undefined;
+      } while (token);
+      return keys;
+    },
+    env(replicaPath = "denokv", at = endpoint) {
       return {
+        REPLICA_PATH: replicaPath,
         BUCKET_NAME: bucket,
         AWS_ENDPOINT_URL_S3: at,
         AWS_REGION: REGION,
