@@ -319,7 +319,7 @@ export async function claimLease(
         })`;
       say(
         `waiting: ${lease.where} is held by ${attempt.holder}${age}; this machine (${holder}) ` +
-          `does not restore or serve until that lease is released or goes stale`,
+          `does not restore or serve until that lease goes stale`,
       );
     } catch (err) {
       say(`waiting: cannot reach the lease ${lease.where}: ${message(err)}; retrying`);
