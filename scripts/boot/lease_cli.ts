@@ -1,8 +1,8 @@
 /**
  * `[program:lease]` of supervisord.conf: keeps this machine's replica lease
  * fresh (scripts/boot/lease.ts) and, when it is lost or cannot be renewed in
- * time, runs the command given after `hold --` to stop denokv. `show` prints
- * the lease as it is in the bucket.
+ * time, runs the command given after `hold --` to stop denokv. Without a bucket
+ * (a local run) it idles until stopped. `show` prints the lease as it is in the bucket.
  *
  *     deno run -A scripts/boot/lease_cli.ts hold -- supervisorctl ... signal TERM denokv
  *     deno run -A scripts/boot/lease_cli.ts show
@@ -18,6 +18,13 @@ async function run(argv: string[]): Promise<void> {
   }
 }
 
+/** Resolves on SIGTERM or SIGINT. */
+function stopped(): Promise<void> {
+  return new Promise((resolve) => {
+    for (const signal of ["SIGTERM", "SIGINT"] as const) Deno.addSignalListener(signal, resolve);
+  });
+}
+
 /** Returns the exit code. */
 export async function main(args: string[], env: Record<string, string | undefined>) {
   const log = (line: string) => console.error(`lease: ${line}`);
@@ -25,6 +32,8 @@ export async function main(args: string[], env: Record<string, string | undefine
   const config = loadLeaseConfig(env);
   if (!config) {
     log("no BUCKET_NAME: a local run has no shared replica, so no lease to hold");
+    // Stay up until stopped: `npm start` (scripts/dev_stack.ts) ends the stack when a program exits.
+    if (command === "hold") await stopped();
     return 0;
   }
   const lease = new ReplicaLease(config);
@@ -42,9 +51,7 @@ export async function main(args: string[], env: Record<string, string | undefine
       return 2;
     }
     const done = new AbortController();
-    for (const signal of ["SIGTERM", "SIGINT"] as const) {
-      Deno.addSignalListener(signal, () => done.abort());
-    }
+    stopped().then(() => done.abort());
     await holdLease(lease, {
       log,
       signal: done.signal,
