@@ -3,7 +3,7 @@
  * file the Dockerfile copies exists, and every path and command in
  * supervisord.conf and crontab resolves inside the image the Dockerfile builds.
  */
-import { programSections } from "../scripts/dev_stack.ts";
+import { programSections } from "../scripts/dev/dev_stack.ts";
 import assert from "node:assert/strict";
 import { existsSync, statSync } from "node:fs";
 import { join, posix } from "node:path";

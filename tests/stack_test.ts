@@ -415,7 +415,7 @@ async function startDevStack(dataDir: string, port: number, denokvPort: number):
   };
   if (Deno.env.get("DENO_DIR")) env.DENO_DIR = Deno.env.get("DENO_DIR")!;
   const child = new Deno.Command(DENO, {
-    args: ["run", "-A", join(ROOT, "scripts/dev_stack.ts")],
+    args: ["run", "-A", join(ROOT, "scripts/dev/dev_stack.ts")],
     cwd: ROOT,
     env,
     clearEnv: true,
