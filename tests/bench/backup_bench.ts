@@ -13,7 +13,7 @@ import { join } from "node:path";
 import { parseArgs } from "node:util";
 import { startBackupFixture } from "../_helpers/fauxqs.ts";
 import { startMinio } from "../_helpers/minio.ts";
-import { DENO, ROOT } from "../_helpers/processes.ts";
+import { DENO, KV_SERVER, ROOT } from "../_helpers/processes.ts";
 import { readLatest } from "../../scripts/backup_check/history.ts";
 
 /** About 500 bytes per entry makes 100,000 entries about 60 MB on disk. */
@@ -132,9 +132,9 @@ async function main(): Promise<void> {
   const s = (name: string) => (ms(name) / 1000).toFixed(2);
   const verifySecs = (ms("restore") + ms("integrity") + ms("contents")) / 1000;
   console.log(
-    `backup check, ${n} entries (${(size / 1024 / 1024).toFixed(1)} MB live db, seeded in ${
-      snapshotSecs.toFixed(1)
-    } s, first snapshot included):\n` +
+    `backup check against the ${KV_SERVER} denokv, ${n} entries (${
+      (size / 1024 / 1024).toFixed(1)
+    } MB live db, seeded in ${snapshotSecs.toFixed(1)} s, first snapshot included):\n` +
       `  restore + integrity + contents: ${verifySecs.toFixed(2)} s ` +
       `(restore ${s("restore")} s, integrity ${s("integrity")} s, contents ${s("contents")} s)\n` +
       `  whole check: ${wallSecs.toFixed(2)} s wall, canary wait ${s("canary")} s\n` +

@@ -8,6 +8,7 @@ import { join } from "node:path";
 import {
   DENO,
   freePort,
+  KV_SERVER,
   openRemoteKv,
   ROOT,
   Running,
@@ -102,6 +103,7 @@ try {
     peak.set("supervisord", Math.max(peak.get("supervisord") ?? 0, rssKiB(child.pid)));
     await new Promise((r) => setTimeout(r, 250));
   }
+  console.log(`stack memory (${KV_SERVER} denokv), peak over 10 s after 1,000 writes:`);
   let total = 0;
   for (const [name, kib] of [...peak].sort()) {
     total += kib;
