@@ -11,6 +11,7 @@ import { existsSync } from "node:fs";
 import { join } from "node:path";
 import { GetObjectCommand, PutObjectCommand } from "@aws-sdk/client-s3";
 import {
+  holdLease,
   leaseKey,
   type LeaseRecord,
   loadLeaseConfig,
@@ -112,6 +113,41 @@ Deno.test("ReplicaLease: a live lease of another machine is refused; the holder'
   } finally {
     a.close();
     b.close();
+  }
+});
+
+Deno.test("holdLease(): a renewal refused because another machine took the lease calls onLost at once", async () => {
+  await using s3 = await startMinio();
+  const a = lease(s3, "machine-a", "taken");
+  const done = new AbortController();
+  const lost: string[] = [];
+  try {
+    assert.ok((await a.tryClaim()).won);
+    const holding = holdLease(a, {
+      signal: done.signal,
+      onLost: (reason) => Promise.resolve(void lost.push(reason)),
+    });
+    // Another writer replaces the lease outright (as a take-over after a pause would).
+    await new Promise((r) => setTimeout(r, RENEW_MS));
+    await s3.client.send(
+      new PutObjectCommand({
+        Bucket: s3.bucket,
+        Key: leaseKey("taken"),
+        Body: JSON.stringify({
+          holder: "machine-b",
+          heartbeatAt: new Date().toISOString(),
+          ttlMs: TTL_MS,
+        }),
+      }),
+    );
+    await waitFor("machine-a to notice", () => lost.length > 0, { timeoutMs: RENEW_MS * 3 });
+    assert.match(lost[0], /held by machine-b/);
+    done.abort();
+    await holding;
+    assert.equal((await readRecord(s3, "taken")).holder, "machine-b");
+  } finally {
+    done.abort();
+    a.close();
   }
 });
 
