@@ -146,9 +146,9 @@ export interface RestoreResult {
 const PERMANENT = /no matching backups|no generations|no snapshots available|cannot find/i;
 
 /**
- * Restores the latest replica of `dbPath` into `outPath` (which must not exist),
- * retrying once on an error that may be transient. `dbPath` only names the
- * database in the config; it is never written.
+ * Restores the latest replica of `dbPath` (or its state at `timestamp`) into
+ * `outPath` (which must not exist), retrying once on an error that may be
+ * transient. `dbPath` only names the database in the config; it is never written.
  */
 export async function restoreReplica(opts: {
   litestreamBin: string;
@@ -157,6 +157,8 @@ export async function restoreReplica(opts: {
   workDir: string;
   s3: S3Config;
   env?: Record<string, string>;
+  /** Point-in-time restore: the state as replicated at this time. */
+  timestamp?: Date;
 }): Promise<RestoreResult> {
   const configPath = join(opts.workDir, "litestream-restore.yml");
   await Deno.writeTextFile(configPath, restoreConfigYaml(opts.dbPath, opts.s3), { mode: 0o600 });
@@ -166,7 +168,15 @@ export async function restoreReplica(opts: {
     await Deno.remove(opts.outPath).catch(() => {});
     await Deno.remove(`${opts.outPath}.tmp`).catch(() => {});
     const result = await new Deno.Command(opts.litestreamBin, {
-      args: ["restore", "-config", configPath, "-o", opts.outPath, opts.dbPath],
+      args: [
+        "restore",
+        "-config",
+        configPath,
+        "-o",
+        opts.outPath,
+        ...(opts.timestamp ? ["-timestamp", opts.timestamp.toISOString()] : []),
+        opts.dbPath,
+      ],
       env: {
         ...opts.env,
         LITESTREAM_ACCESS_KEY_ID: opts.s3.accessKeyId,
