@@ -62,7 +62,8 @@ export function loadConfig(env: Record<string, string | undefined>): ProxyConfig
   const libDir = env.LIB_DIR ?? fileURLToPath(new URL("../lib", import.meta.url));
   return {
     port,
-    hostname: env.HOSTNAME_BIND ?? "0.0.0.0",
+    // "::" takes IPv4 too (Linux dual-stack): Fly's edge arrives over IPv4, <app>.internal over IPv6.
+    hostname: env.HOSTNAME_BIND ?? "::",
     denokvUrl,
     libDir: isAbsolute(libDir) ? libDir : resolve(libDir),
     accessToken: token,

@@ -10,6 +10,7 @@ import type { Hono, MiddlewareHandler } from "hono";
 import { Counter, Gauge, Histogram, Registry } from "prom-client";
 import { readLatest } from "../scripts/backup_check/history.ts";
 import type { S3Config } from "../scripts/backup_check/config.ts";
+import { s3AddressingStyle } from "../scripts/boot/s3_addressing.ts";
 import { ReplicaWatch } from "./metrics_replica.ts";
 import { litestreamRunning, probeDenokv } from "./metrics_probes.ts";
 import { QueueGauges, type QueueMetricsOptions } from "./metrics_queues.ts";
@@ -94,6 +95,7 @@ export function metricsConfig(env: Record<string, string | undefined>): MetricsC
       accessKeyId: env.AWS_ACCESS_KEY_ID!,
       secretAccessKey: env.AWS_SECRET_ACCESS_KEY!,
       replicaPath: (env.REPLICA_PATH || "denokv").replace(/^\/+|\/+$/g, ""),
+      forcePathStyle: s3AddressingStyle(env) === "path",
     }
     : undefined;
   return {

@@ -42,7 +42,7 @@ export class ReplicaWatch {
     this.#client = new S3Client({
       endpoint: s3.endpoint,
       region: s3.region,
-      forcePathStyle: true,
+      forcePathStyle: s3.forcePathStyle,
       credentials: { accessKeyId: s3.accessKeyId, secretAccessKey: s3.secretAccessKey },
       // The SDK's default user agent reads os.release(), which the proxy's permissions
       // (no --allow-sys, set in supervisord.conf) refuse.

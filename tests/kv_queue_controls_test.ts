@@ -354,3 +354,38 @@ Deno.test(
     }
   },
 );
+
+Deno.test(
+  "KvQueueRunner under a backlog still fills a lone free slot while long handlers hold the rest",
+  opts,
+  async () => {
+    const kv = await Deno.openKv(":memory:");
+    try {
+      const queue = new KvQueue(kv, { prefix: ["lone-slot"] });
+      const hold = Promise.withResolvers<void>();
+      let quick = 0;
+      let held = 0;
+      queue.handle<number>("m", async (n) => {
+        if (n < 7) {
+          held++;
+          await hold.promise;
+        } else quick++;
+      });
+      await queue.enqueueMany("m", Array.from({ length: 40 }, (_, i) => i));
+      const runner = new KvQueueRunner(kv, queue, { concurrency: 8 });
+      const running = runner.run();
+      try {
+        await waitFor("the 33 quick messages beside 7 held ones", () => quick === 33, {
+          timeoutMs: 10_000,
+        });
+        assert.equal(held, 7);
+      } finally {
+        hold.resolve();
+        await runner.stop();
+        await running;
+      }
+    } finally {
+      kv.close();
+    }
+  },
+);

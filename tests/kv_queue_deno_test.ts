@@ -100,6 +100,30 @@ Deno.test("withQueues enqueue options: accepted and refused exactly as Deno's ow
   }
 });
 
+Deno.test("withQueues enqueue values: refused exactly as Deno's own queue does", async () => {
+  const native = await Deno.openKv(":memory:");
+  const ours = withQueues(await Deno.openKv(":memory:"));
+  try {
+    const values: [string, unknown][] = [
+      ["a function", () => 1],
+      ["a symbol", Symbol("x")],
+      ["undefined", undefined],
+      ["70,000 characters", "x".repeat(70_000)],
+      ["64 KiB less a little", "x".repeat(65_000)],
+    ];
+    const mismatches: string[] = [];
+    for (const [name, value] of values) {
+      const deno = await outcome(() => native.enqueue(value));
+      const got = await outcome(() => ours.enqueue(value));
+      if (deno !== got) mismatches.push(`${name}: Deno ${deno} | ours ${got}`);
+    }
+    assert.deepEqual(mismatches, []);
+  } finally {
+    native.close();
+    ours.close();
+  }
+});
+
 Deno.test("withQueues: a throwing handler prints Deno's \"Exception in queue handler\" once per delivery, with Deno's delivery count", async () => {
   const run = async (which: string) => {
     const out = await new Deno.Command(DENO, {

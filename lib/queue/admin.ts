@@ -6,11 +6,12 @@
  * @module
  */
 import { CHECKS_PER_COMMIT, STATS_SAMPLE } from "./limits.ts";
+import { checkInteger } from "./validate.ts";
 import { chunks, type Envelope, minus, type Waiting } from "./envelope.ts";
 import { addEnd, endInLine } from "./lines.ts";
 import { dueOf, idOf } from "./keys.ts";
 import type { KvQueue } from "./producer.ts";
-import type { DeadLetter, QueueStats } from "./types.ts";
+import type { DeadLetter, EnqueueOptions, QueueStats } from "./types.ts";
 
 type Letter = Omit<DeadLetter, "value" | "id">;
 
@@ -248,4 +249,64 @@ export async function listPendingMessages(
     }
   }
   return scanned === limit && last ? { messages, cursor: encodeCursor(last) } : { messages };
+}
+
+/** The dead-letter list, oldest first (see `KvQueue.listDead()`). */
+export async function listDeadLetters(
+  queue: KvQueue,
+  options: { limit?: number } = {},
+): Promise<DeadLetter[]> {
+  const out: DeadLetter[] = [];
+  const limit = options.limit === undefined
+    ? undefined
+    : checkInteger("limit", options.limit, 1, 1e9);
+  for await (
+    const e of queue.kv.list<Omit<DeadLetter, "value" | "id">>({ prefix: queue.keys.deadRoot() }, {
+      limit,
+    })
+  ) {
+    const id = idOf(e.key);
+    const v = await queue.kv.get(queue.keys.deadValue(id));
+    out.push({ ...e.value, id, value: v.value });
+  }
+  return out;
+}
+/** Puts a dead letter back with fresh attempts (see `KvQueue.requeueDead()`). */
+export async function requeueDeadLetter(
+  queue: KvQueue,
+  id: string,
+  options: EnqueueOptions = {},
+): Promise<string | null> {
+  const k = queue.keys;
+  const [d, v] = await queue.kv.getMany<[Omit<DeadLetter, "value" | "id">, unknown]>([
+    k.dead(id),
+    k.deadValue(id),
+  ]);
+  if (d.value === null) return null;
+  const msg = queue.prepare(d.value.type, v.value, {
+    orderingKey: d.value.orderingKey,
+    ...options,
+  });
+  await queue.checkBacklog(1);
+  const takeLetter = (op: Deno.AtomicOperation) =>
+    op.check(d).delete(k.dead(id)).delete(k.deadValue(id))
+      .delete(k.deadIndex(d.value!.failedAt, id)).sum(k.deadCount(), minus(1));
+  const orderingKey = msg.envelope.ok;
+  if (orderingKey !== undefined) {
+    const ids = await queue.enqueueOrdered(
+      orderingKey,
+      [msg],
+      takeLetter,
+      async () => (await queue.kv.get(k.dead(id))).versionstamp === d.versionstamp,
+    );
+    return ids === null ? null : ids[0];
+  }
+  const op = takeLetter(queue.addReceipt(queue.addTo(queue.kv.atomic(), msg), msg.id));
+  const res = await queue.commitEnqueue(op, msg.id);
+  if (!res.ok) {
+    queue.unaccount(1);
+    return null;
+  }
+  queue.wakeRunners();
+  return msg.id;
 }

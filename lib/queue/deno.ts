@@ -4,7 +4,7 @@
  *
  * @module
  */
-import { CHECKS_PER_COMMIT } from "./limits.ts";
+import { CHECKS_PER_COMMIT, MAX_VALUE_BYTES } from "./limits.ts";
 import { type DenoEnqueueOptions, denoOptions } from "./deno_options.ts";
 import { KvQueue } from "./producer.ts";
 import { KvQueueRunner, type KvQueueRunnerOptions } from "./runner.ts";
@@ -124,7 +124,15 @@ export function withQueues(kv: Deno.Kv, options: WithQueuesOptions = {}): KvWith
     enqueue: async (value: unknown, o?: DenoEnqueueOptions) => {
       const msg = queue.prepare(DENO_TYPE, value, denoOptions(o), Date.now(), true);
       await queue.checkBacklog(1);
-      return await queue.groupCommit(msg);
+      try {
+        return await queue.groupCommit(msg);
+      } catch (err) {
+        // The only value here is the message: say it as Deno does.
+        if (err instanceof TypeError && err.message.startsWith("Value too large")) {
+          throw new TypeError(`enqueue payload too large (max ${MAX_VALUE_BYTES} bytes)`);
+        }
+        throw err;
+      }
     },
     listenQueue: (handler: (value: unknown) => Promise<void> | void) => {
       const runner = new KvQueueRunner(kv, queue, {

@@ -63,15 +63,17 @@ export interface Prepared {
   bytes: number;
 }
 
-export let idCounter = 0;
+let idCounter = 0;
 /**
  * Ids sort by creation time, so equal due times keep FIFO order; they are
- * short because every key of a message carries one.
+ * short because every key of a message carries one (three times in a claim):
+ * 9 base-36 digits of ms, a 3-digit counter (46,656 ids per ms in a process)
+ * and 5 random hex digits against other processes in the same ms.
  */
 export function newId(): string {
-  idCounter = (idCounter + 1) % 1679616;
-  return Date.now().toString(36).padStart(9, "0") + idCounter.toString(36).padStart(4, "0") +
-    crypto.randomUUID().slice(0, 8);
+  idCounter = (idCounter + 1) % 46656;
+  return Date.now().toString(36).padStart(9, "0") + idCounter.toString(36).padStart(3, "0") +
+    crypto.randomUUID().slice(0, 5);
 }
 
 export function chunks<T>(items: readonly T[], size: number): T[][] {

@@ -21,6 +21,10 @@
  * | `[...P, "sig"]`           | bumped by enqueues, retries and releases; workers `watch` it |
  * | `[...P, "count"]`         | `Deno.KvU64` number of pending messages          |
  *
+ * Cron jobs (`cron.ts`) keep each job's queue under `[...C, name]` (`C`
+ * default `["__kvq__", "cron"]`) with the schedule's state at
+ * `[...C, name, "state"]`.
+ *
  * Every pending message (but those waiting behind another of their ordering
  * key) has exactly one `"r"` entry, ordered by the time it may next be taken. A claim moves that entry to the lease's expiry, with the
  * owner in its value, in one commit checked by versionstamp; renewals move it

@@ -8,6 +8,8 @@
 import { ORDERED_RETRIES } from "./limits.ts";
 import { type Envelope, minus, type Waiting } from "./envelope.ts";
 import type { Keys } from "./keys.ts";
+import type { Prepared } from "./envelope.ts";
+import type { KvQueue } from "./producer.ts";
 
 /** A message's index entry as last seen: its key, versionstamp and envelope. */
 export interface Placed {
@@ -69,4 +71,71 @@ export async function endInLine(
     if (mine.versionstamp !== m.stamp) return false;
   }
   throw new Error(`the line of ${JSON.stringify(orderingKey)} kept changing`);
+}
+
+/**
+ * Appends `msgs` to the line of `orderingKey` (see `KvQueue.enqueueOrdered`):
+ * checked against the line's last place and whether it is open, with the
+ * enqueue receipt, so a re-sent append changes nothing.
+ */
+export async function appendToLine(
+  queue: KvQueue,
+  orderingKey: string,
+  msgs: Prepared[],
+  extra?: (op: Deno.AtomicOperation) => void,
+  stillValid?: () => Promise<boolean>,
+): Promise<string[] | null> {
+  const k = queue.keys;
+  const idem = msgs.length === 1 ? msgs[0].envelope.ik : undefined;
+  for (let attempt = 0; attempt < ORDERED_RETRIES; attempt++) {
+    const [open, last] = await queue.kv.getMany<[number, number]>([
+      k.lineOpen(orderingKey),
+      k.lineLast(orderingKey),
+    ]);
+    const op = queue.kv.atomic().check(open).check(last);
+    let seq = last.value ?? 0;
+    for (const msg of msgs) {
+      msg.envelope.seq = ++seq;
+      if (!msg.envelope.iv) op.set(k.value(msg.id), msg.value);
+      op.set(k.waiting(orderingKey, seq), { id: msg.id, due: msg.due, envelope: msg.envelope });
+    }
+    if (open.value === null) {
+      // An empty line: the first message is its head at once.
+      op.set(k.lineOpen(orderingKey), 1).set(
+        k.schedule(msgs[0].due, msgs[0].id),
+        msgs[0].envelope,
+      );
+    }
+    op.set(k.lineLast(orderingKey), seq)
+      .set(k.signal(), msgs[0].id)
+      .sum(k.count(), BigInt(msgs.length));
+    if (idem !== undefined) {
+      op.check({ key: k.idempotency(idem), versionstamp: null })
+        .set(k.idempotency(idem), msgs[0].id);
+    }
+    extra?.(op);
+    queue.addReceipt(op, msgs[0].id);
+    if ((await queue.commitEnqueue(op, msgs[0].id)).ok) {
+      queue.wakeRunners();
+      return msgs.map((m) => m.id);
+    }
+    if (idem !== undefined) {
+      const existing = await queue.kv.get<string>(k.idempotency(idem));
+      if (existing.value !== null) {
+        queue.unaccount(1);
+        return [existing.value];
+      }
+    }
+    if (stillValid && !await stillValid()) {
+      queue.unaccount(msgs.length);
+      return null;
+    }
+    // Another process appended or closed the line: try again a moment later.
+    await new Promise((r) => setTimeout(r, Math.random() * Math.min(100, 2 ** attempt)));
+  }
+  queue.unaccount(msgs.length);
+  throw new Error(
+    `enqueue: the line of ordering key ${JSON.stringify(orderingKey)} kept changing; ` +
+      `gave up after ${ORDERED_RETRIES} attempts`,
+  );
 }

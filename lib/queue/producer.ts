@@ -13,7 +13,6 @@ import {
   MAX_DELAY_MS,
   MAX_KEYS_IF_UNDELIVERED,
   MAX_TIMER_MS,
-  ORDERED_RETRIES,
   RECEIPT_MS,
 } from "./limits.ts";
 import { commitExact } from "./exact.ts";
@@ -21,7 +20,6 @@ import {
   type Envelope,
   keyBytes,
   maxAttemptsOf,
-  minus,
   newId,
   pack,
   type Prepared,
@@ -29,14 +27,17 @@ import {
   valueBytes,
 } from "./envelope.ts";
 import { checkInteger, checkKey, checkName, describe } from "./validate.ts";
-import { idOf, Keys } from "./keys.ts";
+import { Keys } from "./keys.ts";
+import { appendToLine } from "./lines.ts";
 import {
   cancelMessage,
+  listDeadLetters,
   listPendingMessages,
   type PendingPage,
   type PendingState,
   purgeDeadLetters,
   queueStats,
+  requeueDeadLetter,
   sweepDeadLetters,
 } from "./admin.ts";
 import {
@@ -262,7 +263,8 @@ export class KvQueue {
   }
 
   /** Gives back what `checkBacklog` counted for enqueues that did not happen. */
-  #unaccount(n: number): void {
+  /** @internal */
+  unaccount(n: number): void {
     this.#countSinceRead = Math.max(0, this.#countSinceRead - n);
   }
 
@@ -307,14 +309,14 @@ export class KvQueue {
         msg.id,
       );
     } catch (err) {
-      this.#unaccount(1);
+      this.unaccount(1);
       throw err;
     }
     if (res.ok) {
       this.wakeRunners();
       return msg.id;
     }
-    this.#unaccount(1);
+    this.unaccount(1);
     const existing = await this.kv.get<string>(this.keys.idempotency(idempotencyKey));
     if (existing.value !== null) return existing.value;
     // The pending message finished between our commit and the read: try again.
@@ -358,7 +360,7 @@ export class KvQueue {
         for (const one of group) this.#commitGroup([one]);
         return;
       }
-      this.#unaccount(group.length);
+      this.unaccount(group.length);
       for (const { done } of group) done.reject(err);
       return;
     }
@@ -391,8 +393,10 @@ export class KvQueue {
    * closing an empty line does. Same-key enqueues of this process go one by
    * one. `extra` adds mutations to the same commit; when that commit fails,
    * `stillValid` says whether to try again (false: give up, return null).
+   * (The append itself is `appendToLine` in `lines.ts`.)
+   *
+   * @internal
    */
-  /** @internal */
   enqueueOrdered(
     orderingKey: string,
     msgs: Prepared[],
@@ -401,7 +405,7 @@ export class KvQueue {
   ): Promise<string[] | null> {
     const previous = this.#lineTails.get(orderingKey) ?? Promise.resolve();
     const mine = previous.catch(() => {}).then(() =>
-      this.#appendToLine(orderingKey, msgs, extra, stillValid)
+      appendToLine(this, orderingKey, msgs, extra, stillValid)
     );
     const tail = mine.catch(() => {});
     this.#lineTails.set(orderingKey, tail);
@@ -409,67 +413,6 @@ export class KvQueue {
       if (this.#lineTails.get(orderingKey) === tail) this.#lineTails.delete(orderingKey);
     });
     return mine;
-  }
-
-  async #appendToLine(
-    orderingKey: string,
-    msgs: Prepared[],
-    extra?: (op: Deno.AtomicOperation) => void,
-    stillValid?: () => Promise<boolean>,
-  ): Promise<string[] | null> {
-    const k = this.keys;
-    const idem = msgs.length === 1 ? msgs[0].envelope.ik : undefined;
-    for (let attempt = 0; attempt < ORDERED_RETRIES; attempt++) {
-      const [open, last] = await this.kv.getMany<[number, number]>([
-        k.lineOpen(orderingKey),
-        k.lineLast(orderingKey),
-      ]);
-      const op = this.kv.atomic().check(open).check(last);
-      let seq = last.value ?? 0;
-      for (const msg of msgs) {
-        msg.envelope.seq = ++seq;
-        if (!msg.envelope.iv) op.set(k.value(msg.id), msg.value);
-        op.set(k.waiting(orderingKey, seq), { id: msg.id, due: msg.due, envelope: msg.envelope });
-      }
-      if (open.value === null) {
-        // An empty line: the first message is its head at once.
-        op.set(k.lineOpen(orderingKey), 1).set(
-          k.schedule(msgs[0].due, msgs[0].id),
-          msgs[0].envelope,
-        );
-      }
-      op.set(k.lineLast(orderingKey), seq)
-        .set(k.signal(), msgs[0].id)
-        .sum(k.count(), BigInt(msgs.length));
-      if (idem !== undefined) {
-        op.check({ key: k.idempotency(idem), versionstamp: null })
-          .set(k.idempotency(idem), msgs[0].id);
-      }
-      extra?.(op);
-      this.addReceipt(op, msgs[0].id);
-      if ((await this.commitEnqueue(op, msgs[0].id)).ok) {
-        this.wakeRunners();
-        return msgs.map((m) => m.id);
-      }
-      if (idem !== undefined) {
-        const existing = await this.kv.get<string>(k.idempotency(idem));
-        if (existing.value !== null) {
-          this.#unaccount(1);
-          return [existing.value];
-        }
-      }
-      if (stillValid && !await stillValid()) {
-        this.#unaccount(msgs.length);
-        return null;
-      }
-      // Another process appended or closed the line: try again a moment later.
-      await new Promise((r) => setTimeout(r, Math.random() * Math.min(100, 2 ** attempt)));
-    }
-    this.#unaccount(msgs.length);
-    throw new Error(
-      `enqueue: the line of ordering key ${JSON.stringify(orderingKey)} kept changing; ` +
-        `gave up after ${ORDERED_RETRIES} attempts`,
-    );
   }
 
   /**
@@ -506,7 +449,7 @@ export class KvQueue {
       if (orderingKey !== undefined) await this.enqueueOrdered(orderingKey, batch);
       else {
         await this.#writeBatch(batch).catch((err) => {
-          this.#unaccount(batch.length);
+          this.unaccount(batch.length);
           throw err;
         });
       }
@@ -572,21 +515,8 @@ export class KvQueue {
    * kv.close();
    * ```
    */
-  async listDead(options: { limit?: number } = {}): Promise<DeadLetter[]> {
-    const out: DeadLetter[] = [];
-    const limit = options.limit === undefined
-      ? undefined
-      : checkInteger("limit", options.limit, 1, 1e9);
-    for await (
-      const e of this.kv.list<Omit<DeadLetter, "value" | "id">>({ prefix: this.keys.deadRoot() }, {
-        limit,
-      })
-    ) {
-      const id = idOf(e.key);
-      const v = await this.kv.get(this.keys.deadValue(id));
-      out.push({ ...e.value, id, value: v.value });
-    }
-    return out;
+  listDead(options: { limit?: number } = {}): Promise<DeadLetter[]> {
+    return listDeadLetters(this, options);
   }
 
   /**
@@ -603,39 +533,8 @@ export class KvQueue {
    * kv.close();
    * ```
    */
-  async requeueDead(id: string, options: EnqueueOptions = {}): Promise<string | null> {
-    const k = this.keys;
-    const [d, v] = await this.kv.getMany<[Omit<DeadLetter, "value" | "id">, unknown]>([
-      k.dead(id),
-      k.deadValue(id),
-    ]);
-    if (d.value === null) return null;
-    const msg = this.prepare(d.value.type, v.value, {
-      orderingKey: d.value.orderingKey,
-      ...options,
-    });
-    await this.checkBacklog(1);
-    const takeLetter = (op: Deno.AtomicOperation) =>
-      op.check(d).delete(k.dead(id)).delete(k.deadValue(id))
-        .delete(k.deadIndex(d.value!.failedAt, id)).sum(k.deadCount(), minus(1));
-    const orderingKey = msg.envelope.ok;
-    if (orderingKey !== undefined) {
-      const ids = await this.enqueueOrdered(
-        orderingKey,
-        [msg],
-        takeLetter,
-        async () => (await this.kv.get(k.dead(id))).versionstamp === d.versionstamp,
-      );
-      return ids === null ? null : ids[0];
-    }
-    const op = takeLetter(this.addReceipt(this.addTo(this.kv.atomic(), msg), msg.id));
-    const res = await this.commitEnqueue(op, msg.id);
-    if (!res.ok) {
-      this.#unaccount(1);
-      return null;
-    }
-    this.wakeRunners();
-    return msg.id;
+  requeueDead(id: string, options: EnqueueOptions = {}): Promise<string | null> {
+    return requeueDeadLetter(this, id, options);
   }
 
   /**

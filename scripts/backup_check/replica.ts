@@ -24,12 +24,12 @@ export interface ReplicaHealth {
   latestSnapshotAt?: Date;
 }
 
-/** Builds an S3 client for Tigris or any S3 endpoint, path-style so emulators work too. */
+/** Builds an S3 client for Tigris or any S3 endpoint, addressed as `S3_ADDRESSING_STYLE` says. */
 export function s3Client(s3: S3Config): S3Client {
   return new S3Client({
     endpoint: s3.endpoint,
     region: s3.region,
-    forcePathStyle: true,
+    forcePathStyle: s3.forcePathStyle,
     credentials: { accessKeyId: s3.accessKeyId, secretAccessKey: s3.secretAccessKey },
   });
 }
@@ -129,7 +129,7 @@ export function restoreConfigYaml(dbPath: string, s3: S3Config): string {
     `        path: ${q(s3.replicaPath)}`,
     `        endpoint: ${q(s3.endpoint)}`,
     `        region: ${q(s3.region)}`,
-    "        force-path-style: true",
+    `        force-path-style: ${s3.forcePathStyle}`,
     "",
   ].join("\n");
 }
