@@ -5,7 +5,7 @@
  * call fails after it was applied (tests/queue_fixtures/resending_kv.ts).
  */
 import assert from "node:assert/strict";
-import { KvQueue, KvQueueRunner, withQueues } from "../lib/kv_queue.ts";
+import { kvCron, KvQueue, KvQueueRunner, withQueues } from "../lib/kv_queue.ts";
 import { type Mode, resendingKv } from "./queue_fixtures/resending_kv.ts";
 import { openRemoteKv, type Stack, startStack, waitFor } from "./_helpers/processes.ts";
 
@@ -207,6 +207,37 @@ for (const mode of ["twice", "lost"] as Mode[]) {
         }
         assert.deepEqual(results, [{ aborted: false, attempt: 1 }]);
         assert.equal(await pendingCounter(raw, queue), 0n);
+      } finally {
+        raw.close();
+      }
+    },
+  );
+}
+
+for (const mode of ["twice", "lost"] as Mode[]) {
+  exactTest(
+    `cron ticks ${
+      mode === "twice" ? "applied twice" : "applied, then the call failed"
+    }: each tick runs once`,
+    async (open, P) => {
+      const raw = await open();
+      try {
+        const r = resendingKv(raw, mode);
+        const ticks: number[] = [];
+        const controller = new AbortController();
+        const job = kvCron(r.kv, {
+          name: "tick",
+          schedule: "* * * * * *",
+          prefix: P,
+          signal: controller.signal,
+          handler: ({ tick }) => {
+            ticks.push(tick);
+          },
+        });
+        await waitFor("three ticks", () => ticks.length >= 3, { timeoutMs: 10_000 });
+        controller.abort();
+        await job;
+        assert.equal(new Set(ticks).size, ticks.length, `a tick ran twice: ${ticks}`);
       } finally {
         raw.close();
       }
