@@ -389,3 +389,41 @@ Deno.test(
     }
   },
 );
+
+Deno.test(
+  "dead letters written before the dead counter existed: purge and requeue leave the counter right",
+  opts,
+  async () => {
+    const kv = await Deno.openKv(":memory:");
+    try {
+      const prefix = ["legacy"];
+      const queue = new KvQueue(kv, { prefix });
+      // As the engine before the counter stored them: no index entry, no count.
+      const old = { type: "m", attempts: 1, error: "Error: old", failedAt: 1, enqueuedAt: 1 };
+      await kv.set([...prefix, "d", "old-1"], old);
+      await kv.set([...prefix, "dv", "old-1"], "v1");
+      await kv.set([...prefix, "d", "old-2"], old);
+      await kv.set([...prefix, "dv", "old-2"], "v2");
+      assert.equal(await queue.purgeDead(["old-1"]), 1);
+      assert.notEqual(await queue.requeueDead("old-2"), null);
+      // A new dead letter now counts as one, not as one on top of a wrapped counter.
+      queue.handle("m", (v) => {
+        if (v !== "v2") throw new Error("always");
+      });
+      await queue.enqueue("m", "new", { backoffSchedule: [] });
+      const runner = new KvQueueRunner(kv, queue);
+      const running = runner.run();
+      try {
+        await waitFor("the new dead letter", async () => (await queue.listDead()).length === 1);
+      } finally {
+        await runner.stop();
+        await running;
+      }
+      assert.deepEqual(await queue.stats(), { ready: 0, delayed: 0, running: 0, dead: 1 });
+      const [letter] = await queue.listDead();
+      assert.equal("c" in letter, false, "an internal field leaked into listDead()");
+    } finally {
+      kv.close();
+    }
+  },
+);

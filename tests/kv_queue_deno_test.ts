@@ -113,9 +113,13 @@ Deno.test("withQueues enqueue values: refused exactly as Deno's own queue does",
     ];
     const mismatches: string[] = [];
     for (const [name, value] of values) {
-      const deno = await outcome(() => native.enqueue(value));
-      const got = await outcome(() => ours.enqueue(value));
-      if (deno !== got) mismatches.push(`${name}: Deno ${deno} | ours ${got}`);
+      for (const via of ["enqueue", "atomic().enqueue"]) {
+        const run = (kv: Deno.Kv) => () =>
+          via === "enqueue" ? kv.enqueue(value) : kv.atomic().enqueue(value).commit();
+        const deno = await outcome(run(native));
+        const got = await outcome(run(ours));
+        if (deno !== got) mismatches.push(`${via} ${name}: Deno ${deno} | ours ${got}`);
+      }
     }
     assert.deepEqual(mismatches, []);
   } finally {

@@ -5,11 +5,42 @@
  * call fails after it was applied (tests/queue_fixtures/resending_kv.ts).
  */
 import assert from "node:assert/strict";
-import { KvQueue, KvQueueRunner, withQueues } from "../lib/kv_queue.ts";
+import { kvCron, KvQueue, KvQueueRunner, withQueues } from "../lib/kv_queue.ts";
 import { type Mode, resendingKv } from "./queue_fixtures/resending_kv.ts";
-import { waitFor } from "./_helpers/processes.ts";
+import { openRemoteKv, type Stack, startStack, waitFor } from "./_helpers/processes.ts";
 
 const opts = { sanitizeOps: false, sanitizeResources: false };
+
+let stack: Stack | null = null;
+// With --filter the teardown test may not run: never leave the stack behind.
+globalThis.addEventListener("unload", () => {
+  for (const r of [stack?.proxy, stack?.denokv]) {
+    try {
+      r?.child.kill("SIGKILL");
+    } catch { /* already gone */ }
+  }
+});
+
+const backends = [
+  { name: "memory", open: () => Deno.openKv(":memory:") },
+  {
+    name: "KV Connect",
+    open: async () => {
+      stack ??= await startStack();
+      return await openRemoteKv(stack.proxy.url);
+    },
+  },
+];
+
+/** Registers `fn` once per backend, each run with its own key prefix. */
+function exactTest(
+  name: string,
+  fn: (open: () => Promise<Deno.Kv>, prefix: Deno.KvKey) => Promise<void>,
+): void {
+  for (const b of backends) {
+    Deno.test(`${name} (${b.name})`, opts, () => fn(b.open, ["exact", crypto.randomUUID()]));
+  }
+}
 
 /** The queue's pending-message counter, read from KV. */
 async function pendingCounter(kv: Deno.Kv, queue: KvQueue): Promise<bigint> {
@@ -43,11 +74,11 @@ for (const mode of ["twice", "lost"] as Mode[]) {
     ? "applied twice (the re-send's answer returned)"
     : "applied, then the call failed";
 
-  Deno.test(`ordered appends ${how}: each message is in its line once`, opts, async () => {
-    const raw = await Deno.openKv(":memory:");
+  exactTest(`ordered appends ${how}: each message is in its line once`, async (open, P) => {
+    const raw = await open();
     try {
       const r = resendingKv(raw, mode);
-      const queue = new KvQueue(r.kv, { prefix: ["q"] });
+      const queue = new KvQueue(r.kv, { prefix: P });
       const seen = recorder(queue, "o");
       for (let i = 0; i < 5; i++) await queue.enqueue("o", i, { orderingKey: "k" });
       await queue.enqueueMany("o", [5, 6, 7], { orderingKey: "k" });
@@ -60,11 +91,11 @@ for (const mode of ["twice", "lost"] as Mode[]) {
     }
   });
 
-  Deno.test(`enqueues ${how}: one message each, the counter exact`, opts, async () => {
-    const raw = await Deno.openKv(":memory:");
+  exactTest(`enqueues ${how}: one message each, the counter exact`, async (open, P) => {
+    const raw = await open();
     try {
       const r = resendingKv(raw, mode);
-      const queue = new KvQueue(r.kv, { prefix: ["q"] });
+      const queue = new KvQueue(r.kv, { prefix: P });
       const ids = [
         await queue.enqueue("e", "plain"),
         await queue.enqueue("e", "idem", { idempotencyKey: "once" }),
@@ -78,17 +109,16 @@ for (const mode of ["twice", "lost"] as Mode[]) {
     }
   });
 
-  Deno.test(
+  exactTest(
     `claims and completions ${how}: first attempt runs once, nothing left`,
-    opts,
-    async () => {
-      const raw = await Deno.openKv(":memory:");
+    async (open, P) => {
+      const raw = await open();
       try {
         // Enqueued normally; only the runner's commits misbehave.
-        const queue = new KvQueue(raw, { prefix: ["q"] });
+        const queue = new KvQueue(raw, { prefix: P });
         await queue.enqueueMany("c", Array.from({ length: 30 }, (_, i) => i));
         const r = resendingKv(raw, mode);
-        const workerQueue = new KvQueue(r.kv, { prefix: ["q"] });
+        const workerQueue = new KvQueue(r.kv, { prefix: P });
         const seen = recorder(workerQueue, "c");
         await drain(r.kv, workerQueue, () => seen.length >= 30);
         assert.equal(seen.length, 30, "a message ran twice");
@@ -101,34 +131,38 @@ for (const mode of ["twice", "lost"] as Mode[]) {
     },
   );
 
-  Deno.test(`withQueues atomic().enqueue() ${how}: reported ok, delivered once`, opts, async () => {
-    const raw = await Deno.openKv(":memory:");
-    const r = resendingKv(raw, mode);
-    const kv = withQueues(r.kv, { prefix: ["dq"] });
-    const seen: unknown[] = [];
-    const listening = kv.listenQueue((m) => {
-      seen.push(m);
-    });
-    try {
-      const entry = await raw.get(["balance"]);
-      const res = await kv.atomic().check(entry).set(["balance"], 1).enqueue("paid").commit();
-      assert.equal(res.ok, true);
-      assert.equal((await kv.enqueue("second")).ok, true);
-      await waitFor("both messages", () => seen.length >= 2, { timeoutMs: 10_000 });
-      await new Promise((r) => setTimeout(r, 200));
-      assert.deepEqual(seen.sort(), ["paid", "second"]);
-    } finally {
-      kv.close();
-      await listening;
-    }
-  });
+  exactTest(
+    `withQueues atomic().enqueue() ${how}: reported ok, delivered once`,
+    async (open, P) => {
+      const raw = await open();
+      const r = resendingKv(raw, mode);
+      const kv = withQueues(r.kv, { prefix: [...P, "deno"] });
+      const seen: unknown[] = [];
+      const listening = kv.listenQueue((m) => {
+        seen.push(m);
+      });
+      try {
+        const entry = await raw.get([...P, "balance"]);
+        const res = await kv.atomic().check(entry).set([...P, "balance"], 1).enqueue("paid")
+          .commit();
+        assert.equal(res.ok, true);
+        assert.equal((await kv.enqueue("second")).ok, true);
+        await waitFor("both messages", () => seen.length >= 2, { timeoutMs: 10_000 });
+        await new Promise((r) => setTimeout(r, 200));
+        assert.deepEqual(seen.sort(), ["paid", "second"]);
+      } finally {
+        kv.close();
+        await listening;
+      }
+    },
+  );
 }
 
-Deno.test("an enqueue re-sent after its message completed does not come back", opts, async () => {
-  const raw = await Deno.openKv(":memory:");
+exactTest("an enqueue re-sent after its message completed does not come back", async (open, P) => {
+  const raw = await open();
   try {
     const r = resendingKv(raw, "normal");
-    const queue = new KvQueue(r.kv, { prefix: ["q"] });
+    const queue = new KvQueue(r.kv, { prefix: P });
     const seen = recorder(queue, "late");
     await queue.enqueue("late", "plain");
     await queue.enqueue("late", "ordered", { orderingKey: "k" });
@@ -146,16 +180,15 @@ Deno.test("an enqueue re-sent after its message completed does not come back", o
 });
 
 for (const mode of ["twice", "lost"] as Mode[]) {
-  Deno.test(
+  exactTest(
     `lease renewals ${
       mode === "twice" ? "applied twice" : "applied, then the call failed"
     }: the handler keeps its lease`,
-    opts,
-    async () => {
-      const raw = await Deno.openKv(":memory:");
+    async (open, P) => {
+      const raw = await open();
       try {
         const r = resendingKv(raw, mode);
-        const queue = new KvQueue(r.kv, { prefix: ["q"] });
+        const queue = new KvQueue(r.kv, { prefix: P });
         const results: { aborted: boolean; attempt: number }[] = [];
         queue.handle("slow", async (_data, m) => {
           // Ten renewals at a third of leaseMs each.
@@ -180,3 +213,41 @@ for (const mode of ["twice", "lost"] as Mode[]) {
     },
   );
 }
+
+for (const mode of ["twice", "lost"] as Mode[]) {
+  exactTest(
+    `cron ticks ${
+      mode === "twice" ? "applied twice" : "applied, then the call failed"
+    }: each tick runs once`,
+    async (open, P) => {
+      const raw = await open();
+      try {
+        const r = resendingKv(raw, mode);
+        const ticks: number[] = [];
+        const controller = new AbortController();
+        const job = kvCron(r.kv, {
+          name: "tick",
+          schedule: "* * * * * *",
+          prefix: P,
+          signal: controller.signal,
+          handler: ({ tick }) => {
+            ticks.push(tick);
+          },
+        });
+        await waitFor("three ticks", () => ticks.length >= 3, { timeoutMs: 10_000 });
+        controller.abort();
+        await job;
+        assert.equal(new Set(ticks).size, ticks.length, `a tick ran twice: ${ticks}`);
+      } finally {
+        raw.close();
+      }
+    },
+  );
+}
+
+Deno.test("teardown: stop the shared stack", opts, async () => {
+  // deno-lint-ignore no-explicit-any
+  const s = stack as any;
+  stack = null;
+  await s?.[Symbol.asyncDispose]();
+});

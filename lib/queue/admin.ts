@@ -13,7 +13,8 @@ import { dueOf, idOf } from "./keys.ts";
 import type { KvQueue } from "./producer.ts";
 import type { DeadLetter, EnqueueOptions, QueueStats } from "./types.ts";
 
-type Letter = Omit<DeadLetter, "value" | "id">;
+/** A dead letter as stored; `c` when it is counted in `deadCount` (older ones are not). */
+type Letter = Omit<DeadLetter, "value" | "id"> & { c?: 1 };
 
 function counter(entry: Deno.KvEntryMaybe<unknown>): number {
   const v = entry.value;
@@ -71,15 +72,18 @@ export async function purgeDeadLetters(queue: KvQueue, ids?: readonly string[]):
     const letters = await queue.kv.getMany<Letter[]>(part.map((id) => k.dead(id)));
     const op = queue.kv.atomic();
     let n = 0;
+    let counted = 0;
     letters.forEach((d, i) => {
       if (d.value === null) return;
       n++;
+      if (d.value.c === 1) counted++;
       op.check(d).delete(d.key).delete(k.deadValue(part[i]))
         .delete(k.deadIndex(d.value.failedAt, part[i]));
     });
     if (n === 0) return;
     // A letter taken meanwhile (requeued, swept) fails the check: try the rest alone.
-    if ((await op.sum(k.deadCount(), minus(n)).commit()).ok) removed += n;
+    if (counted > 0) op.sum(k.deadCount(), minus(counted));
+    if ((await op.commit()).ok) removed += n;
     else if (part.length > 1) { for (const id of part) await purge([id]); }
   };
   if (ids) {
@@ -261,13 +265,14 @@ export async function listDeadLetters(
     ? undefined
     : checkInteger("limit", options.limit, 1, 1e9);
   for await (
-    const e of queue.kv.list<Omit<DeadLetter, "value" | "id">>({ prefix: queue.keys.deadRoot() }, {
+    const e of queue.kv.list<Letter>({ prefix: queue.keys.deadRoot() }, {
       limit,
     })
   ) {
     const id = idOf(e.key);
     const v = await queue.kv.get(queue.keys.deadValue(id));
-    out.push({ ...e.value, id, value: v.value });
+    const { c: _, ...letter } = e.value;
+    out.push({ ...letter, id, value: v.value });
   }
   return out;
 }
@@ -278,19 +283,18 @@ export async function requeueDeadLetter(
   options: EnqueueOptions = {},
 ): Promise<string | null> {
   const k = queue.keys;
-  const [d, v] = await queue.kv.getMany<[Omit<DeadLetter, "value" | "id">, unknown]>([
-    k.dead(id),
-    k.deadValue(id),
-  ]);
+  const [d, v] = await queue.kv.getMany<[Letter, unknown]>([k.dead(id), k.deadValue(id)]);
   if (d.value === null) return null;
   const msg = queue.prepare(d.value.type, v.value, {
     orderingKey: d.value.orderingKey,
     ...options,
   });
   await queue.checkBacklog(1);
-  const takeLetter = (op: Deno.AtomicOperation) =>
+  const takeLetter = (op: Deno.AtomicOperation) => {
     op.check(d).delete(k.dead(id)).delete(k.deadValue(id))
-      .delete(k.deadIndex(d.value!.failedAt, id)).sum(k.deadCount(), minus(1));
+      .delete(k.deadIndex(d.value!.failedAt, id));
+    return d.value!.c === 1 ? op.sum(k.deadCount(), minus(1)) : op;
+  };
   const orderingKey = msg.envelope.ok;
   if (orderingKey !== undefined) {
     const ids = await queue.enqueueOrdered(

@@ -6,6 +6,7 @@
  */
 import { CHECKS_PER_COMMIT, MAX_VALUE_BYTES } from "./limits.ts";
 import { type DenoEnqueueOptions, denoOptions } from "./deno_options.ts";
+import { valueBytes } from "./envelope.ts";
 import { KvQueue } from "./producer.ts";
 import { KvQueueRunner, type KvQueueRunnerOptions } from "./runner.ts";
 import type { KvQueueOptions } from "./types.ts";
@@ -74,6 +75,8 @@ export function withQueues(kv: Deno.Kv, options: WithQueuesOptions = {}): KvWith
     let enqueued = 0;
     let firstId: string | undefined;
     let checks = 0;
+    /** Estimated size of the largest message value, to word a too-large error as Deno does. */
+    let largest = 0;
     const check = op.check.bind(op);
     op.check = (...entries: Deno.AtomicCheck[]) => {
       checks += entries.length;
@@ -85,6 +88,7 @@ export function withQueues(kv: Deno.Kv, options: WithQueuesOptions = {}): KvWith
       queue.addTo(op, msg);
       firstId ??= msg.id;
       enqueued++;
+      largest = Math.max(largest, valueBytes(value, MAX_VALUE_BYTES + 1));
       return op;
     };
     const commit = op.commit.bind(op);
@@ -94,11 +98,19 @@ export function withQueues(kv: Deno.Kv, options: WithQueuesOptions = {}): KvWith
       // The receipt makes a re-sent commit fail instead of enqueueing twice;
       // it needs one of denokv's 10 checks, so a commit using all of them
       // goes without (its own checks then decide what a re-send does).
-      if (checks >= CHECKS_PER_COMMIT) return await commit();
-      queue.addReceipt(op, firstId!);
-      const res = await queue.commitEnqueue({ commit }, firstId!);
-      if (res.ok) queue.wakeRunners();
-      return res;
+      try {
+        if (checks >= CHECKS_PER_COMMIT) return await commit();
+        queue.addReceipt(op, firstId!);
+        const res = await queue.commitEnqueue({ commit }, firstId!);
+        if (res.ok) queue.wakeRunners();
+        return res;
+      } catch (err) {
+        if (
+          err instanceof TypeError && err.message.startsWith("Value too large") &&
+          largest > MAX_VALUE_BYTES
+        ) throw new TypeError(`enqueue payload too large (max ${MAX_VALUE_BYTES} bytes)`);
+        throw err;
+      }
     };
     return op;
   };

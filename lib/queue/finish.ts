@@ -130,7 +130,9 @@ export class Finisher {
         : schedule[Math.min(attempts - 1, schedule.length - 1)];
       return await this.#putBack(held, Date.now() + delay);
     }
-    const dead: Omit<DeadLetter, "value" | "id"> = {
+    // `c`: counted in deadCount (letters written before the counter existed are not).
+    const dead: Omit<DeadLetter, "value" | "id"> & { c: 1 } = {
+      c: 1,
       type: env.t,
       attempts: Math.min(attempts, max),
       error: errorText(error).slice(0, 2000),

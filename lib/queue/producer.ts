@@ -9,25 +9,14 @@ import {
   DEFAULT_DEAD_LETTER_RETENTION_MS,
   ENQUEUE_BATCH,
   ENQUEUE_MANY_IN_FLIGHT,
-  INLINE_VALUE_BYTES,
-  MAX_DELAY_MS,
-  MAX_KEYS_IF_UNDELIVERED,
-  MAX_TIMER_MS,
   RECEIPT_MS,
 } from "./limits.ts";
 import { commitExact } from "./exact.ts";
-import {
-  type Envelope,
-  keyBytes,
-  maxAttemptsOf,
-  newId,
-  pack,
-  type Prepared,
-  textBytes,
-  valueBytes,
-} from "./envelope.ts";
-import { checkInteger, checkKey, checkName, describe } from "./validate.ts";
+import { keyBytes, newId, pack, type Prepared } from "./envelope.ts";
+import { checkInteger, checkKey, describe } from "./validate.ts";
 import { Keys } from "./keys.ts";
+import { BacklogGate } from "./backlog.ts";
+import { prepareMessage } from "./prepare.ts";
 import { appendToLine } from "./lines.ts";
 import {
   cancelMessage,
@@ -78,10 +67,7 @@ export class KvQueue {
   /** @internal */
   readonly keys: Keys;
   readonly #handlers = new Map<string, MessageHandler<never>>();
-  #countReadAt = 0;
-  #countSinceRead = 0;
-  #countValue = 0;
-  #countRead: Promise<void> | null = null;
+  readonly #backlog: BacklogGate;
   #pending: { msg: Prepared; done: PromiseWithResolvers<Deno.KvCommitResult> }[] = [];
   #flushScheduled = false;
   /** What the signal and counter mutations add to a commit. */
@@ -107,6 +93,7 @@ export class KvQueue {
       Number.MAX_SAFE_INTEGER,
     );
     this.keys = new Keys(this.prefix);
+    this.#backlog = new BacklogGate(kv, this.keys.count(), this.backlogLimit);
     // The signal, the counter and the receipt's check and set.
     this.#signalBytes = keyBytes(this.keys.signal()) + keyBytes(this.keys.count()) +
       2 * keyBytes(this.keys.receipt(newId())) + 110;
@@ -140,7 +127,7 @@ export class KvQueue {
     for (const r of this.#runners) r.wake();
   }
 
-  /** @internal Validates options and builds a message. */
+  /** @internal Validates options and builds a message (see `prepare.ts`). */
   prepare(
     type: string,
     value: unknown,
@@ -149,59 +136,7 @@ export class KvQueue {
     /** Deno's rules (the Deno face): any number of `keysIfUndelivered`. */
     denoRules = false,
   ): Prepared {
-    if (typeof type !== "string") {
-      throw new TypeError(`"type" must be a string: got ${describe(type)}`);
-    }
-    const delayMs = checkInteger("delayMs", options.delayMs ?? 0, 0, MAX_DELAY_MS);
-    const schedule = options.backoffSchedule;
-    if (schedule !== undefined) {
-      if (!Array.isArray(schedule)) {
-        throw new TypeError(`"backoffSchedule" must be an array: got ${describe(schedule)}`);
-      }
-      if (schedule.length > 100) {
-        throw new RangeError(`"backoffSchedule" must have <= 100 entries: got ${schedule.length}`);
-      }
-      schedule.forEach((ms, i) => checkInteger(`backoffSchedule[${i}]`, ms, 0, MAX_DELAY_MS));
-    }
-    const maxAttempts = options.maxAttempts === undefined
-      ? undefined
-      : checkInteger("maxAttempts", options.maxAttempts, 1, 1000);
-    const keys = options.keysIfUndelivered ?? [];
-    if (!Array.isArray(keys)) {
-      throw new TypeError(`"keysIfUndelivered" must be an array of keys: got ${describe(keys)}`);
-    }
-    if (!denoRules && keys.length > MAX_KEYS_IF_UNDELIVERED) {
-      throw new RangeError(
-        `"keysIfUndelivered" must have <= ${MAX_KEYS_IF_UNDELIVERED} keys: got ${keys.length}`,
-      );
-    }
-    keys.forEach((k, i) => checkKey(`keysIfUndelivered[${i}]`, k));
-    const idempotencyKey = checkName("idempotencyKey", options.idempotencyKey);
-    const orderingKey = checkName("orderingKey", options.orderingKey);
-    const timeoutMs = options.timeoutMs === undefined
-      ? undefined
-      : checkInteger("timeoutMs", options.timeoutMs, 1, MAX_TIMER_MS);
-    const envelope: Envelope = { t: type, at: now, n: 0 };
-    if (schedule !== undefined) envelope.b = [...schedule];
-    if (maxAttempts !== undefined && maxAttempts !== maxAttemptsOf(envelope)) {
-      envelope.max = maxAttempts;
-    }
-    if (keys.length > 0) envelope.u = keys.map((k) => [...k]);
-    if (idempotencyKey !== undefined) envelope.ik = idempotencyKey;
-    if (orderingKey !== undefined) envelope.ok = orderingKey;
-    if (timeoutMs !== undefined) envelope.to = timeoutMs;
-    const id = newId();
-    const due = now + delayMs;
-    const size = valueBytes(value);
-    if (size <= INLINE_VALUE_BYTES) {
-      envelope.iv = 1;
-      envelope.v = value;
-    }
-    // Protobuf adds about 14 bytes per set and 16 per check.
-    const bytes = keyBytes(this.keys.schedule(due, id)) + valueBytes(envelope) + 14 +
-      (envelope.iv ? 0 : keyBytes(this.keys.value(id)) + size + 14) +
-      (idempotencyKey === undefined ? 0 : 2 * textBytes(idempotencyKey) + 80);
-    return { id, envelope, value, due, bytes };
+    return prepareMessage(this.keys, type, value, options, now, denoRules);
   }
 
   /**
@@ -241,40 +176,15 @@ export class KvQueue {
 
   /**
    * @internal Throws a `RangeError` when `adding` more messages would pass
-   * the backlog limit. Reading the counter on every enqueue would double its
-   * cost; a short cache plus local increments keeps the limit close enough.
+   * the backlog limit (see `BacklogGate`).
    */
-  async checkBacklog(adding: number): Promise<void> {
-    if (
-      Date.now() - this.#countReadAt > 200 ||
-      this.#countValue + this.#countSinceRead + adding > this.backlogLimit
-    ) {
-      // Enqueues started together share one read.
-      this.#countRead ??= this.#readCount().finally(() => this.#countRead = null);
-      await this.#countRead;
-    }
-    const pending = this.#countValue + this.#countSinceRead;
-    if (pending + adding > this.backlogLimit) {
-      throw new RangeError(
-        `queue backlog is full: ${pending} pending messages, "backlogLimit" is ${this.backlogLimit}`,
-      );
-    }
-    this.#countSinceRead += adding;
+  checkBacklog(adding: number): Promise<void> {
+    return this.#backlog.check(adding);
   }
 
-  /** Gives back what `checkBacklog` counted for enqueues that did not happen. */
-  /** @internal */
+  /** @internal Gives back what `checkBacklog` counted for enqueues that did not happen. */
   unaccount(n: number): void {
-    this.#countSinceRead = Math.max(0, this.#countSinceRead - n);
-  }
-
-  async #readCount(): Promise<void> {
-    const startedAt = Date.now();
-    const entry = await this.kv.get<Deno.KvU64>(this.keys.count());
-    const raw = entry.value?.value ?? 0n;
-    this.#countValue = raw > BigInt(Number.MAX_SAFE_INTEGER) ? 0 : Number(raw);
-    this.#countReadAt = startedAt;
-    this.#countSinceRead = 0;
+    this.#backlog.unaccount(n);
   }
 
   /**

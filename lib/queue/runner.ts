@@ -19,35 +19,10 @@ import { checkInteger } from "./validate.ts";
 import { commitExact } from "./exact.ts";
 import { sweepDeadLetters } from "./admin.ts";
 import { Finisher, type Held } from "./finish.ts";
+import { ClaimPacer, FILL_WAIT_MS, pick } from "./pacing.ts";
 import { dueOf, idOf } from "./keys.ts";
 import type { KvQueue } from "./producer.ts";
 import type { QueueMessage } from "./types.ts";
-
-/**
- * Under a backlog, a runner claims when this many claim commits' worth of
- * slots are free: rounds of whole, full commits (and completions grouped
- * alike), which keeps commits per message flat as runners get smaller.
- */
-const FILL_COMMITS = 2;
-/** How long a runner under a backlog waits for that many free slots before taking fewer. */
-const FILL_WAIT_MS = 25;
-/** Most entries one claim round lists (spread times free slots). */
-const MAX_LIST = 200;
-/** Largest claim spread: wider lists cost more reads than the races they avoid (measured). */
-const MAX_SPREAD = 4;
-/** Clean claim rounds after which a runner narrows its spread by one. */
-const SPREAD_DECAY_AFTER = 8;
-
-/**
- * `n` of `entries`, every `entries.length / n`-th from a random offset: the
- * whole list when it is short enough, else an even spread over it.
- */
-function pick<T>(entries: T[], n: number): T[] {
-  if (entries.length <= n) return entries;
-  const step = entries.length / n;
-  const offset = Math.random() * step;
-  return Array.from({ length: n }, (_, i) => entries[Math.floor(offset + i * step)]);
-}
 
 /** Messages whose handlers run in this process (across runners): never claimed twice here. */
 const RUNNING_HERE = new Set<string>();
@@ -140,18 +115,11 @@ export class KvQueueRunner {
   #running: Promise<void> | null = null;
   #stopping = false;
   #wakePending = false;
-  /** How far this runner spreads its claims over the due entries (see #fill). */
-  #spread = 1;
-  #cleanClaims = 0;
+  /** How many entries to list and take, and how many free slots to wait for. */
+  readonly #pacer: ClaimPacer;
   /** The queue is paused (`KvQueue.pause()`): claim nothing. */
   #paused = false;
   #sweptAt = 0;
-  /** True while more is due than this runner has slots for (its last list was all due). */
-  #backlog = false;
-  /** Claims that fit one commit, from the size of the last entry claimed. */
-  #perCommit = 1;
-  /** Since when free slots have been fewer than a claim round wants (0: not short). */
-  #shortSince = 0;
   #wake: (() => void) | null = null;
   #watch: ReadableStreamDefaultReader<Deno.KvEntryMaybe<unknown>[]> | null = null;
   /** Completions, retries, dead letters and releases of held messages. */
@@ -170,7 +138,8 @@ export class KvQueueRunner {
       MAX_DELAY_MS,
     );
     this.#onError = options.onError;
-    this.#finish = new Finisher(kv, queue, () => this.#backlog);
+    this.#pacer = new ClaimPacer(this.concurrency);
+    this.#finish = new Finisher(kv, queue, () => this.#pacer.backlog);
     this.#dispatch = options.dispatch;
     this.#dispatchType = options.dispatchType;
   }
@@ -272,25 +241,6 @@ export class KvQueueRunner {
     })();
   }
 
-  /**
-   * Free slots worth a claim round. Under a backlog a runner waits for
-   * `FILL_COMMITS` claim commits' worth of free slots (as many claims as fit
-   * the request budget each) instead of claiming one at a time as handlers
-   * end: fewer, fuller claim commits per message. Without a backlog it
-   * claims as soon as a slot is free, so latency is not affected.
-   */
-  #minFill(): number {
-    if (!this.#backlog) return 1;
-    const want = Math.min(this.concurrency, FILL_COMMITS * this.#perCommit);
-    if (this.#free() >= want) {
-      this.#shortSince = 0;
-      return want;
-    }
-    // Slots held by long handlers may not come free soon: do not wait long.
-    this.#shortSince ||= Date.now();
-    return Date.now() - this.#shortSince >= FILL_WAIT_MS ? 1 : want;
-  }
-
   /** Free handler slots; completions still committing count half, so they cannot pile up. */
   #free(): number {
     return Math.min(this.concurrency - this.#active, 2 * this.concurrency - this.#held.size);
@@ -316,7 +266,7 @@ export class KvQueueRunner {
         if (this.#wakePending) continue;
         const wait = Math.min(nextDue - Date.now(), IDLE_RECHECK_MS);
         const free = this.#free();
-        const full = free < this.#minFill();
+        const full = free < this.#pacer.minFill(this.#free());
         if (wait <= 0 && !full) continue;
         await new Promise<void>((resolve) => {
           let timer: ReturnType<typeof setTimeout> | undefined;
@@ -345,24 +295,20 @@ export class KvQueueRunner {
    * answers both: entries are ordered by due time.
    *
    * Runners that all took the first due entries would fight over them (one
-   * wins, the others' commits fail). So a runner that lost a race spreads
-   * out: it lists `spread` times as many due entries as it has free slots and
-   * claims every `spread`-th from a random offset, so concurrent runners
-   * mostly take different entries. Spread doubles on each lost race (up to
-   * `MAX_SPREAD`) and shrinks after a run of clean claims; a runner alone
-   * stays at 1 and takes entries in due order.
+   * wins, the others' commits fail): how many entries to list and which to
+   * take is `ClaimPacer`'s (see `pacing.ts`).
    */
   async #fill(): Promise<number> {
     const root = this.queue.keys.scheduleRoot();
     while (!this.#stopping) {
       const free = this.#free();
-      if (free < this.#minFill() || this.#paused) return Infinity;
+      if (free < this.#pacer.minFill(this.#free()) || this.#paused) return Infinity;
       const now = Date.now();
       const due: Deno.KvEntry<Envelope>[] = [];
       let nextDue = Infinity;
       let listed = 0;
       let ownExpired = false;
-      const limit = Math.min(free * this.#spread, MAX_LIST);
+      const limit = this.#pacer.listLimit(free);
       for await (const e of this.kv.list<Envelope>({ prefix: root }, { limit, batchSize: limit })) {
         listed++;
         const at = dueOf(e.key);
@@ -377,31 +323,22 @@ export class KvQueueRunner {
         else due.push(e);
       }
       if (due.length > 0) {
-        this.#perCommit = Math.max(
+        this.#pacer.perCommit = Math.max(
           1,
           Math.min(CHECKS_PER_COMMIT, Math.floor(REQUEST_BUDGET_BYTES / this.#claimBytes(due[0]))),
         );
       }
       const lost = due.length > 0 && !await this.#claim(pick(due, free), now);
-      // The next short wait starts from now, not from before this round.
-      if (due.length > 0) this.#shortSince = 0;
+      if (due.length > 0) this.#pacer.claimed(lost);
       if (this.#stopping) break;
-      if (lost) {
-        // Another worker moved entries: spread out and look again at once.
-        this.#spread = Math.min(this.#spread * 2, MAX_SPREAD);
-        this.#cleanClaims = 0;
-        continue;
-      }
-      if (due.length > 0 && ++this.#cleanClaims >= SPREAD_DECAY_AFTER && this.#spread > 1) {
-        this.#spread--;
-        this.#cleanClaims = 0;
-      }
+      // Another worker moved entries: look again at once (spread wider).
+      if (lost) continue;
       if (ownExpired) return Math.min(nextDue, Date.now() + 250);
       if (listed === limit && nextDue === Infinity) {
-        this.#backlog = true;
+        this.#pacer.backlog = true;
         continue;
       }
-      this.#backlog = false;
+      this.#pacer.backlog = false;
       return nextDue;
     }
     return Infinity;
