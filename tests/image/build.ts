@@ -1,0 +1,116 @@
+/**
+ * Builds the repository's Dockerfile, unchanged, with buildah the way a
+ * builder without registry access must: local base images, the Supercronic
+ * release served from loopback (its URL and SHA1 are build arguments), and
+ * the machine's CA bundle mounted for npm when this machine needs one.
+ */
+import { join } from "node:path";
+import { existsSync } from "node:fs";
+import { ROOT } from "../_helpers/processes.ts";
+import { buildah, CACHE_DIR, run } from "./buildah.ts";
+import { type BaseImage, ensureBaseImages } from "./base_images.ts";
+
+/** The tag the test gives the built image. */
+export const IMAGE_NAME = "localhost/denokv-on-fly:test";
+
+/** The Supercronic version the Dockerfile pins, read from it. */
+export function supercronicVersion(dockerfile: string): string {
+  const v = /^ARG SUPERCRONIC_VERSION=(\S+)/m.exec(dockerfile)?.[1];
+  if (!v) throw new Error("the Dockerfile pins no SUPERCRONIC_VERSION");
+  return v;
+}
+
+/** The go-installed binary of the test installer (`go install ...supercronic@V`). */
+export function supercronicBinary(version: string): string {
+  return join(CACHE_DIR, `supercronic-${version}`, "supercronic");
+}
+
+/** What a build did and cost. */
+export interface Built {
+  name: string;
+  bases: BaseImage[];
+  buildMs: number;
+  sizeBytes: number;
+  log: string;
+}
+
+/** Serves one file over HTTP on a free loopback port until disposed. */
+function serveFile(path: string): { url: string; [Symbol.asyncDispose](): Promise<void> } {
+  const server = Deno.serve({ hostname: "127.0.0.1", port: 0, onListen() {} }, async () => {
+    const file = await Deno.open(path);
+    return new Response(file.readable);
+  });
+  return {
+    url: `http://127.0.0.1:${server.addr.port}/supercronic-linux-amd64`,
+    [Symbol.asyncDispose]: () => server.shutdown(),
+  };
+}
+
+/**
+ * npm inside RUN steps trusts the machine's extra CA (a TLS-inspecting proxy here)
+ * through a user config in a folder mounted as /root: a folder every stage already
+ * has, so the mount leaves no mount-point file behind in the image (a file mount
+ * would), and npm's cache lands there, outside the layers. The Dockerfile names no CA.
+ */
+async function npmCaMounts(dir: string): Promise<string[]> {
+  const ca = Deno.env.get("NODE_EXTRA_CA_CERTS");
+  if (!ca || !existsSync(ca)) return [];
+  const home = join(dir, "root");
+  await Deno.mkdir(home);
+  await Deno.copyFile(ca, join(home, "extra-ca.crt"));
+  await Deno.writeTextFile(join(home, ".npmrc"), "cafile=/root/extra-ca.crt\n");
+  return ["-v", `${home}:/root`];
+}
+
+/** Image size in bytes as buildah reports it. */
+export async function imageSize(name: string): Promise<number> {
+  const res = await buildah(["images", "--json", name]);
+  const [info] = JSON.parse(res.stdout) as { size: number }[];
+  return info.size;
+}
+
+/** Makes the base images, then builds the Dockerfile into {@linkcode IMAGE_NAME}. */
+export async function buildImage(): Promise<Built> {
+  const dockerfile = await Deno.readTextFile(join(ROOT, "Dockerfile"));
+  const bases = await ensureBaseImages(dockerfile);
+  const supercronic = supercronicBinary(supercronicVersion(dockerfile));
+  if (!existsSync(supercronic)) {
+    throw new Error(`${supercronic} is missing (run the test installer)`);
+  }
+  const sha1 = (await run("sha1sum", [supercronic])).stdout.split(" ")[0];
+  const dir = await Deno.makeTempDir({ prefix: "image-build-" });
+  try {
+    await using served = serveFile(supercronic);
+    const started = performance.now();
+    const res = await buildah([
+      "build",
+      "--isolation",
+      "chroot",
+      "--network",
+      "host",
+      "--pull=never",
+      // Unchanged steps come from cache on a warm machine; the first build is the real figure.
+      "--layers",
+      ...await npmCaMounts(dir),
+      "--build-arg",
+      `SUPERCRONIC_URL=${served.url}`,
+      "--build-arg",
+      `SUPERCRONIC_SHA1SUM=${sha1}`,
+      "-t",
+      IMAGE_NAME,
+      "-f",
+      join(ROOT, "Dockerfile"),
+      ROOT,
+    ]);
+    const buildMs = performance.now() - started;
+    return {
+      name: IMAGE_NAME,
+      bases,
+      buildMs,
+      sizeBytes: await imageSize(IMAGE_NAME),
+      log: res.stdout + res.stderr,
+    };
+  } finally {
+    await Deno.remove(dir, { recursive: true }).catch(() => {});
+  }
+}
