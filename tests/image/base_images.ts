@@ -137,6 +137,20 @@ const debianSlim: Maker = {
           "",
         ].join("\n"),
       );
+      // Debian's images delete downloaded packages after every install and fetch no
+      // translations; without this the test image would carry apt's cache.
+      await Deno.writeTextFile(
+        join(rootfs, "etc/apt/apt.conf.d/slim-clean"),
+        [
+          'DPkg::Post-Invoke { "rm -f /var/cache/apt/archives/*.deb /var/cache/apt/archives/partial/*.deb /var/cache/apt/*.bin || true"; };',
+          'APT::Update::Post-Invoke { "rm -f /var/cache/apt/archives/*.deb /var/cache/apt/archives/partial/*.deb /var/cache/apt/*.bin || true"; };',
+          'Dir::Cache::pkgcache "";',
+          'Dir::Cache::srcpkgcache "";',
+          'Acquire::Languages "none";',
+          'Apt::AutoRemove::SuggestsImportant "false";',
+          "",
+        ].join("\n"),
+      );
       await run("sh", [
         "-c",
         'cd "$1" && rm -rf var/cache/apt/*.bin var/cache/apt/archives/*.deb var/lib/apt/lists/* ' +

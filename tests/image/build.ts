@@ -62,11 +62,13 @@ async function npmCaMounts(dir: string): Promise<string[]> {
   return ["-v", `${home}:/root`];
 }
 
-/** Image size in bytes as buildah reports it. */
+/** Image size in bytes, from buildah's decimal human-readable figure ("418 MB"). */
 export async function imageSize(name: string): Promise<number> {
   const res = await buildah(["images", "--json", name]);
-  const [info] = JSON.parse(res.stdout) as { size: number }[];
-  return info.size;
+  const [info] = JSON.parse(res.stdout) as { size: string }[];
+  const m = /^([\d.]+)\s*(B|kB|MB|GB)$/.exec(info.size);
+  if (!m) throw new Error(`unexpected image size ${info.size}`);
+  return Number(m[1]) * { B: 1, kB: 1e3, MB: 1e6, GB: 1e9 }[m[2] as "B"];
 }
 
 /** Makes the base images, then builds the Dockerfile into {@linkcode IMAGE_NAME}. */
