@@ -377,7 +377,7 @@ Deno.test({
       kv = await openRemoteKv(stack.url);
       await kv.set(["restart"], "before");
       const denokv = descendants(stack.supervisord.child.pid).filter((p) =>
-        cmdline(p).includes("--sqlite-path") && cmdline(p).includes("standin/denokv.ts")
+        /(^|\/)denokv --sqlite-path |standin\/denokv\.ts --sqlite-path /.test(cmdline(p))
       );
       assert.deepEqual(denokv.length, 1, "exactly one denokv process");
       kill(denokv[0], "SIGKILL");
