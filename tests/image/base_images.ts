@@ -5,11 +5,12 @@
  */
 import { join } from "node:path";
 import { existsSync } from "node:fs";
+import { toolPaths } from "../../scripts/dev/tools.ts";
 import { buildah, CACHE_DIR, imageExists, imageLabel, run, sha256File } from "./buildah.ts";
 
-/** Where the test installer puts `cargo install denokv --version V`. */
+/** Where `deno task setup` puts `cargo install denokv --version V`. */
 export function denokvBinary(version: string): string {
-  return join(CACHE_DIR, `denokv-${version}`, "bin", "denokv");
+  return join(toolPaths({ denokv: version, supercronic: "" }, CACHE_DIR).denokvBinDir, "denokv");
 }
 
 /** Label recording the binary an image was made from, so a new binary remakes it. */
@@ -195,7 +196,7 @@ function makerFor(name: string): Maker {
   if (denokv) {
     const bin = denokvBinary(denokv[1]);
     return binaryImage(() => {
-      if (!existsSync(bin)) throw new Error(`${name}: ${bin} is missing (run the test installer)`);
+      if (!existsSync(bin)) throw new Error(`${name}: ${bin} is missing (run deno task setup)`);
       return bin;
     }, "/usr/local/bin/denokv");
   }

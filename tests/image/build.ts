@@ -7,22 +7,19 @@
 import { join } from "node:path";
 import { existsSync } from "node:fs";
 import { ROOT } from "../_helpers/processes.ts";
+import { pinsFrom, toolPaths } from "../../scripts/dev/tools.ts";
 import { buildah, CACHE_DIR, run } from "./buildah.ts";
 import { type BaseImage, ensureBaseImages } from "./base_images.ts";
 
 /** The tag the test gives the built image. */
 export const IMAGE_NAME = "localhost/denokv-on-fly:test";
 
-/** The Supercronic version the Dockerfile pins, read from it. */
-export function supercronicVersion(dockerfile: string): string {
-  const v = /^ARG SUPERCRONIC_VERSION=(\S+)/m.exec(dockerfile)?.[1];
-  if (!v) throw new Error("the Dockerfile pins no SUPERCRONIC_VERSION");
-  return v;
-}
-
-/** The go-installed binary of the test installer (`go install ...supercronic@V`). */
+/** The go-installed binary of `deno task setup` (`go install ...supercronic@V`). */
 export function supercronicBinary(version: string): string {
-  return join(CACHE_DIR, `supercronic-${version}`, "supercronic");
+  return join(
+    toolPaths({ denokv: "", supercronic: version }, CACHE_DIR).supercronicBinDir,
+    "supercronic",
+  );
 }
 
 /** What a build did and cost. */
@@ -75,9 +72,9 @@ export async function imageSize(name: string): Promise<number> {
 export async function buildImage(): Promise<Built> {
   const dockerfile = await Deno.readTextFile(join(ROOT, "Dockerfile"));
   const bases = await ensureBaseImages(dockerfile);
-  const supercronic = supercronicBinary(supercronicVersion(dockerfile));
+  const supercronic = supercronicBinary(pinsFrom(dockerfile).supercronic);
   if (!existsSync(supercronic)) {
-    throw new Error(`${supercronic} is missing (run the test installer)`);
+    throw new Error(`${supercronic} is missing (run deno task setup)`);
   }
   const sha1 = (await run("sha1sum", [supercronic])).stdout.split(" ")[0];
   const dir = await Deno.makeTempDir({ prefix: "image-build-" });

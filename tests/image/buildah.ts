@@ -4,10 +4,10 @@
  * returns output or fails with it.
  */
 import { join } from "node:path";
+import { cacheDir } from "../../scripts/dev/tools.ts";
 
-/** The machine-level cache shared with the test installer (denokv, Supercronic, images). */
-export const CACHE_DIR: string = Deno.env.get("DENOKV_ON_FLY_CACHE") ??
-  join(Deno.env.get("HOME") ?? "/root", ".cache/denokv-on-fly");
+/** The machine-level cache shared with the installer (denokv, Supercronic, images). */
+export const CACHE_DIR: string = cacheDir();
 
 /** buildah's own storage: vfs works on any file system and needs no kernel overlay support. */
 export const BUILDAH_ROOT: string = join(CACHE_DIR, "buildah");
