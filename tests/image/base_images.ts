@@ -218,7 +218,11 @@ export async function ensureBaseImages(dockerfile: string): Promise<BaseImage[]>
     const maker = makerFor(name);
     const started = performance.now();
     const made = !(await maker.current(name));
-    if (made) await maker.make(name);
+    if (made) {
+      // Minutes for Debian: say so, or the test looks stuck.
+      console.log(`image test: making base image ${name}`);
+      await maker.make(name);
+    }
     out.push({ name, made, ms: performance.now() - started });
   }
   return out;

@@ -80,6 +80,7 @@ export async function buildImage(): Promise<Built> {
   const dir = await Deno.makeTempDir({ prefix: "image-build-" });
   try {
     await using served = serveFile(supercronic);
+    console.log(`image test: buildah build of ${join(ROOT, "Dockerfile")}`);
     const started = performance.now();
     const res = await buildah([
       "build",
