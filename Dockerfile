@@ -31,16 +31,17 @@ RUN npm ci --ignore-scripts --no-audit --no-fund \
   && npm ci --omit=dev --ignore-scripts --no-audit --no-fund
 
 FROM debian:bookworm-slim
-ARG SUPERCRONIC_VERSION=v0.2.48
-# The official release and the SHA1 Supercronic publishes with it (supercronic-linux-amd64).
-# Builders that cannot reach GitHub pass another source and its sum; the check stays.
-ARG SUPERCRONIC_URL=https://github.com/aptible/supercronic/releases/download/${SUPERCRONIC_VERSION}/supercronic-linux-amd64
-ARG SUPERCRONIC_SHA1SUM=016b7c9aebfc8d9fd9526e8ba33b191fc524485f
 
 RUN apt-get update \
   && apt-get install -y --no-install-recommends ca-certificates curl supervisor sqlite3 \
   && rm -rf /var/lib/apt/lists/*
 
+# The official release and the SHA1 Supercronic publishes with it (supercronic-linux-amd64).
+# Builders that cannot reach GitHub pass another source and its sum; the check stays.
+# Declared after the apt step so that another URL or version keeps that layer cached.
+ARG SUPERCRONIC_VERSION=v0.2.48
+ARG SUPERCRONIC_URL=https://github.com/aptible/supercronic/releases/download/${SUPERCRONIC_VERSION}/supercronic-linux-amd64
+ARG SUPERCRONIC_SHA1SUM=016b7c9aebfc8d9fd9526e8ba33b191fc524485f
 RUN curl -fsSLo /usr/local/bin/supercronic "${SUPERCRONIC_URL}" \
   && echo "${SUPERCRONIC_SHA1SUM}  /usr/local/bin/supercronic" | sha1sum -c - \
   && chmod +x /usr/local/bin/supercronic

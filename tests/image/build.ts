@@ -31,12 +31,25 @@ export interface Built {
   log: string;
 }
 
-/** Serves one file over HTTP on a free loopback port until disposed. */
+/**
+ * The URL is a build argument, so part of the cache key of every later step: a
+ * fixed port keeps a warm rebuild cached; when another process holds it, any
+ * free port does (the build is then only slower).
+ */
+const PREFERRED_PORT = 47_480;
+
+/** Serves one file over HTTP on loopback until disposed. */
 function serveFile(path: string): { url: string; [Symbol.asyncDispose](): Promise<void> } {
-  const server = Deno.serve({ hostname: "127.0.0.1", port: 0, onListen() {} }, async () => {
-    const file = await Deno.open(path);
-    return new Response(file.readable);
-  });
+  const handler = async () => new Response((await Deno.open(path)).readable);
+  const listen = (port: number) =>
+    Deno.serve({ hostname: "127.0.0.1", port, onListen() {} }, handler);
+  let server: Deno.HttpServer<Deno.NetAddr>;
+  try {
+    server = listen(PREFERRED_PORT);
+  } catch (err) {
+    if (!(err instanceof Deno.errors.AddrInUse)) throw err;
+    server = listen(0);
+  }
   return {
     url: `http://127.0.0.1:${server.addr.port}/supercronic-linux-amd64`,
     [Symbol.asyncDispose]: () => server.shutdown(),
