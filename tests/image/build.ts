@@ -81,6 +81,31 @@ export async function imageSize(name: string): Promise<number> {
   return Number(m[1]) * { B: 1, kB: 1e3, MB: 1e6, GB: 1e9 }[m[2] as "B"];
 }
 
+async function containerIds(): Promise<Set<string>> {
+  const res = await buildah(["containers", "--quiet", "--notruncate"]);
+  return new Set(res.stdout.split("\n").filter(Boolean));
+}
+
+/**
+ * Keeps the vfs store from growing by a full image copy per step and run:
+ * buildah leaves a working container for each stage that is only a FROM, and
+ * every rebuilt step leaves the layers it replaced as untagged images. The
+ * layers this build used or made (named in its log) stay as the next cache.
+ */
+async function dropLeftovers(containersBefore: Set<string>, log: string): Promise<void> {
+  for (const id of await containerIds()) {
+    if (!containersBefore.has(id)) await buildah(["rm", id], { allowFail: true });
+  }
+  const used = [...log.matchAll(/--> (?:Using cache )?([0-9a-f]{12,64})/g)].map((m) => m[1]);
+  const res = await buildah(["images", "--all", "--json"]);
+  const images = JSON.parse(res.stdout) as { id: string; names?: string[] | null }[];
+  for (const image of images) {
+    if (image.names?.length) continue;
+    if (used.some((u) => u.startsWith(image.id) || image.id.startsWith(u))) continue;
+    await buildah(["rmi", image.id], { allowFail: true });
+  }
+}
+
 /** Makes the base images, then builds the Dockerfile into {@linkcode IMAGE_NAME}. */
 export async function buildImage(): Promise<Built> {
   const dockerfile = await Deno.readTextFile(join(ROOT, "Dockerfile"));
@@ -93,6 +118,7 @@ export async function buildImage(): Promise<Built> {
   const dir = await Deno.makeTempDir({ prefix: "image-build-" });
   try {
     await using served = serveFile(supercronic);
+    const containersBefore = await containerIds();
     console.log(`image test: buildah build of ${join(ROOT, "Dockerfile")}`);
     const started = performance.now();
     const res = await buildah([
@@ -116,6 +142,7 @@ export async function buildImage(): Promise<Built> {
       ROOT,
     ]);
     const buildMs = performance.now() - started;
+    await dropLeftovers(containersBefore, res.stdout + res.stderr);
     return {
       name: IMAGE_NAME,
       bases,
