@@ -96,7 +96,8 @@ async function dropLeftovers(containersBefore: Set<string>, log: string): Promis
   for (const id of await containerIds()) {
     if (!containersBefore.has(id)) await buildah(["rm", id], { allowFail: true });
   }
-  const used = [...log.matchAll(/--> (?:Using cache )?([0-9a-f]{12,64})/g)].map((m) => m[1]);
+  // buildah prints new layers by 11-character ids and cached ones in full.
+  const used = [...log.matchAll(/--> (?:Using cache )?([0-9a-f]{11,64})/g)].map((m) => m[1]);
   const res = await buildah(["images", "--all", "--json"]);
   const images = JSON.parse(res.stdout) as { id: string; names?: string[] | null }[];
   for (const image of images) {

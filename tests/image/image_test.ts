@@ -9,6 +9,7 @@ import { join } from "node:path";
 import { freePort, openRemoteKv, ROOT, TEST_TOKEN, waitFor } from "../_helpers/processes.ts";
 import { startFauxS3 } from "../_helpers/s3.ts";
 import { startSmtpCapture } from "../_helpers/smtp.ts";
+import { buildah } from "./buildah.ts";
 import { buildImage, type Built } from "./build.ts";
 import { type Boot, bootImage, imageProcesses, killBoot, memoryKiB, stopBoot } from "./boot.ts";
 
@@ -152,6 +153,14 @@ Deno.test({
       await t.step("boot: supervisord from the image's entry point answers /healthz", async () => {
         boot = await bootImage(bootOpts);
         figures.push(["boot to first /healthz 200", `${(boot.readyMs / 1000).toFixed(1)} s`]);
+        // The build's mounts (npm's CA config as /root) must leave nothing in the image.
+        const root = (await buildah(["mount", boot.container])).stdout.trim();
+        try {
+          const home = [...Deno.readDirSync(join(root, "root"))].map((e) => e.name).sort();
+          assert.deepEqual(home, [".bashrc", ".profile"]);
+        } finally {
+          await buildah(["umount", boot.container]);
+        }
         const names = imageProcesses(boot).map((p) => role(p.cmd));
         for (const name of ["supervisord", "proxy (deno)", "litestream", "denokv", "supercronic"]) {
           assert.ok(names.includes(name), `${name} is not running: ${names.join(", ")}`);
