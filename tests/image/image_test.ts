@@ -109,8 +109,12 @@ Deno.test({
   sanitizeResources: false,
   async fn(t) {
     const figures: [string, string][] = [];
+    // Each stage needs the one before it: stop at the first that fails.
+    const step = async (name: string, fn: () => Promise<void>) => {
+      if (!(await t.step(name, fn))) throw new Error(`stopped after the failed step: ${name}`);
+    };
     let built!: Built;
-    await t.step("build: base images under the FROM names, then buildah build", async () => {
+    await step("build: base images under the FROM names, then buildah build", async () => {
       built = await buildImage();
       for (const base of built.bases) {
         figures.push([
@@ -150,7 +154,7 @@ Deno.test({
     };
     let boot: Boot | undefined;
     try {
-      await t.step("boot: supervisord from the image's entry point answers /healthz", async () => {
+      await step("boot: supervisord from the image's entry point answers /healthz", async () => {
         boot = await bootImage(bootOpts);
         figures.push(["boot to first /healthz 200", `${(boot.readyMs / 1000).toFixed(1)} s`]);
         // The build's mounts (npm's CA config as /root) must leave nothing in the image.
@@ -167,7 +171,7 @@ Deno.test({
         }
       });
 
-      await t.step("a real KV Connect client: set, get, watch", async () => {
+      await step("a real KV Connect client: set, get, watch", async () => {
         const kv = await openRemoteKv(boot!.url);
         try {
           await kv.set(["image-watch"], "before");
@@ -183,7 +187,7 @@ Deno.test({
         }
       });
 
-      await t.step(
+      await step(
         "withQueues imported by URL from the image's /lib/ delivers a message",
         async () => {
           const message = await queueRoundTripByUrl(boot!.url, dir);
@@ -191,7 +195,7 @@ Deno.test({
         },
       );
 
-      await t.step(`${KEYS} writes; resident memory of every process`, async () => {
+      await step(`${KEYS} writes; resident memory of every process`, async () => {
         const kv = await openRemoteKv(boot!.url);
         try {
           await writeKeys(kv);
@@ -224,7 +228,7 @@ Deno.test({
         ]);
       });
 
-      await t.step(
+      await step(
         "the image's Supercronic runs the crontab's check line: a PASSED e-mail",
         async () => {
           await waitFor("a backup-check e-mail", () => smtp.messages.length > 0, {
@@ -238,7 +242,7 @@ Deno.test({
         },
       );
 
-      await t.step(
+      await step(
         `SIGKILL of every process, /data wiped, cold boot: ${KEYS}/${KEYS} back`,
         async () => {
           await killBoot(boot!);
