@@ -63,6 +63,10 @@ export interface ProxyOptions {
   fetch?: typeof fetch;
   /** Extra routes mounted by other parts of the product (e.g. `/status`). */
   extend?: (app: Hono) => void;
+  /** Runs first on every request (the metrics of `metrics.ts`). */
+  instrument?: MiddlewareHandler;
+  /** Told when denokv did not answer a KV Connect request: the raw path, and whether in time. */
+  onUpstreamError?: (path: string, timedOut: boolean) => void;
 }
 
 /** Builds the proxy app; rejects bad options at construction. */
@@ -108,6 +112,7 @@ export function createApp(options: ProxyOptions): Hono {
 
   const app = new Hono();
 
+  if (options.instrument) app.use(options.instrument);
   if (log) app.use(accessLog(log));
 
   app.onError((err, c) => {
@@ -132,10 +137,16 @@ export function createApp(options: ProxyOptions): Hono {
   const lean = upstream.protocol === "http:"
     ? new Upstream(upstream, { timeoutMs: upstreamTimeoutMs })
     : null;
-  const forward = forwarder(upstreamOrigin, doFetch, {
-    readMs: upstreamTimeoutMs,
-    writeMs: upstreamWriteTimeoutMs,
-  }, lean);
+  const forward = forwarder(
+    upstreamOrigin,
+    doFetch,
+    {
+      readMs: upstreamTimeoutMs,
+      writeMs: upstreamWriteTimeoutMs,
+    },
+    lean,
+    options.onUpstreamError,
+  );
   // KV Connect is POST only; anything else on these paths is "not found".
   app.post("/", limit, forward);
   app.post("/v2/*", limit, forward);
@@ -215,6 +226,7 @@ function forwarder(
   doFetch: typeof fetch,
   timeouts: { readMs: number; writeMs: number },
   upstream: Upstream | null,
+  onUpstreamError: (path: string, timedOut: boolean) => void = () => {},
 ): (c: Context) => Promise<Response> {
   const unreachable = (c: Context, reason: string) =>
     c.text(`denokv is unreachable, try again: ${reason}`, 503, { "retry-after": "1" });
@@ -247,6 +259,7 @@ function forwarder(
         });
       } catch (err) {
         if (err instanceof UnsendableRequest) return c.text(`Bad request: ${err.message}`, 400);
+        onUpstreamError(path, err instanceof UpstreamError && err.timedOut);
         if (write && err instanceof UpstreamError && err.sent && err.timedOut) {
           return c.text(
             `denokv did not answer this write within ${timeouts.writeMs} ms: ` +
@@ -284,6 +297,7 @@ function forwarder(
       });
     } catch (err) {
       req.signal.removeEventListener("abort", onAbort);
+      if (!req.signal.aborted) onUpstreamError(path, controller.signal.aborted);
       const reason = controller.signal.aborted && !req.signal.aborted
         ? String(controller.signal.reason?.message ?? controller.signal.reason)
         : err instanceof Error

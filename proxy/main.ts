@@ -6,6 +6,8 @@ import { fileURLToPath } from "node:url";
 import { isAbsolute, resolve } from "node:path";
 import { createApp } from "./app.ts";
 import { statusRoutes } from "./status.ts";
+import { type MetricsConfig, metricsConfig, ProxyMetrics } from "./metrics.ts";
+import { consoleRoutes, parseQueuePrefixes } from "./console/mod.tsx";
 
 /** The proxy's validated configuration. */
 export interface ProxyConfig {
@@ -18,6 +20,11 @@ export interface ProxyConfig {
   accessLog: boolean;
   upstreamTimeoutMs: number;
   upstreamWriteTimeoutMs: number;
+  metrics: MetricsConfig;
+  /** Extra queue prefixes the console shows (`QUEUE_PREFIXES`). */
+  queuePrefixes: Deno.KvKey[];
+  /** On Fly (`FLY_APP_NAME` set) the edge's Fly-Client-IP names the client; elsewhere it is forgeable. */
+  behindFlyEdge: boolean;
 }
 
 function positiveMs(
@@ -55,7 +62,8 @@ export function loadConfig(env: Record<string, string | undefined>): ProxyConfig
   const libDir = env.LIB_DIR ?? fileURLToPath(new URL("../lib", import.meta.url));
   return {
     port,
-    hostname: env.HOSTNAME_BIND ?? "0.0.0.0",
+    // "::" takes IPv4 too (Linux dual-stack): Fly's edge arrives over IPv4, <app>.internal over IPv6.
+    hostname: env.HOSTNAME_BIND ?? "::",
     denokvUrl,
     libDir: isAbsolute(libDir) ? libDir : resolve(libDir),
     accessToken: token,
@@ -63,6 +71,9 @@ export function loadConfig(env: Record<string, string | undefined>): ProxyConfig
     accessLog: env.ACCESS_LOG !== "off",
     upstreamTimeoutMs,
     upstreamWriteTimeoutMs,
+    metrics: metricsConfig(env),
+    queuePrefixes: parseQueuePrefixes(env.QUEUE_PREFIXES),
+    behindFlyEdge: Boolean(env.FLY_APP_NAME),
   };
 }
 
@@ -100,15 +111,39 @@ export function bufferedLog(
 
 /** Serves the proxy with `config`; resolves when the server has shut down. */
 export function serveProxy(config: ProxyConfig): Deno.HttpServer {
+  const metrics = new ProxyMetrics({
+    denokvUrl: config.denokvUrl,
+    accessToken: config.accessToken,
+    dataDir: config.dataDir,
+    dbPath: config.metrics.dbPath,
+    s3: config.metrics.s3,
+    litestreamAddr: config.metrics.litestreamAddr,
+  });
+  const status = statusRoutes({ dataDir: config.dataDir, accessToken: config.accessToken });
   const app = createApp({
     denokvUrl: config.denokvUrl,
     libDir: config.libDir,
     accessToken: config.accessToken,
     upstreamTimeoutMs: config.upstreamTimeoutMs,
     upstreamWriteTimeoutMs: config.upstreamWriteTimeoutMs,
-    extend: statusRoutes({ dataDir: config.dataDir, accessToken: config.accessToken }),
+    extend: (app) => {
+      status(app);
+      metrics.routes()(app);
+      consoleRoutes({
+        accessToken: config.accessToken,
+        dataDir: config.dataDir,
+        metrics,
+        // Deno's remote KV client takes the token from DENO_KV_ACCESS_TOKEN, which is set.
+        openKv: () => Deno.openKv(config.denokvUrl),
+        queuePrefixes: config.queuePrefixes,
+        trustFlyClientIp: config.behindFlyEdge,
+      })(app);
+    },
+    instrument: metrics.middleware(),
+    onUpstreamError: (path, timedOut) => metrics.upstreamError(path, timedOut),
     log: config.accessLog ? bufferedLog(Deno.stdout) : undefined,
   });
+  metrics.servePrivate(config.metrics);
   return Deno.serve({
     port: config.port,
     hostname: config.hostname,

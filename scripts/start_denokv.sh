@@ -2,6 +2,6 @@
 # supervisord's denokv program: the TypeScript step restores (or fails closed) and prints
 # the Litestream command line, one argument per line; this wrapper only execs it.
 set -euo pipefail
-argv="$(deno run --allow-read --allow-write --allow-env --allow-run "$APP_DIR/scripts/start_denokv.ts")"
+argv="$(deno run --allow-read --allow-write --allow-env --allow-run --allow-net --allow-sys "$APP_DIR/scripts/start_denokv.ts")"
 mapfile -t cmd <<<"$argv"
 exec "${cmd[@]}"

@@ -8,6 +8,12 @@
 import { existsSync } from "node:fs";
 import { mkdir, readFile, rm, writeFile } from "node:fs/promises";
 import { dirname, isAbsolute, join } from "node:path";
+import {
+  type AddressingStyle,
+  litestreamAddressingEnv,
+  s3AddressingStyle,
+} from "./boot/s3_addressing.ts";
+import { claimReplicaLease } from "./boot/lease.ts";
 
 /** denokv refuses shorter tokens (`run_serve` in denokv's main.rs). */
 export const MIN_TOKEN_LENGTH = 12;
@@ -24,7 +30,14 @@ export const S3_VARIABLES = [
 
 /** Where Litestream replicates to. */
 export type Replica =
-  | { kind: "s3"; bucket: string; path: string; endpoint: string; region: string }
+  | {
+    kind: "s3";
+    bucket: string;
+    path: string;
+    endpoint: string;
+    region: string;
+    addressingStyle: AddressingStyle;
+  }
   | { kind: "file"; dir: string };
 
 /** The start-up program's validated configuration. */
@@ -104,6 +117,7 @@ export function loadConfig(env: Record<string, string | undefined>): StartConfig
       path,
       endpoint,
       region: env.AWS_REGION!,
+      addressingStyle: s3AddressingStyle(env),
     };
     litestreamConfig = absolute(
       "LITESTREAM_CONFIG",
@@ -185,7 +199,10 @@ export function decideAfterRestore(
 /** The environment Litestream needs, with the defaults made explicit (it reads `${VAR}`s). */
 export function litestreamEnv(config: StartConfig): Record<string, string> {
   const env: Record<string, string> = { DB_PATH: config.dbPath, DATA_DIR: config.dataDir };
-  if (config.replica.kind === "s3") env.REPLICA_PATH = config.replica.path;
+  if (config.replica.kind === "s3") {
+    env.REPLICA_PATH = config.replica.path;
+    Object.assign(env, litestreamAddressingEnv(config.replica.addressingStyle));
+  }
   return env;
 }
 
@@ -301,6 +318,8 @@ export async function prepare(
 if (import.meta.main) {
   try {
     const config = loadConfig(Deno.env.toObject());
+    // One writer per replica: wait here, before any restore, while another machine holds it.
+    await claimReplicaLease(Deno.env.toObject(), (line) => console.error(`start_denokv: ${line}`));
     const argv = await prepare(config, (line) => console.error(`start_denokv: ${line}`));
     console.log(argv.join("\n"));
   } catch (err) {

@@ -41,6 +41,7 @@ Deno.test("loadConfig() applies the documented defaults for S3", () => {
     path: "denokv",
     endpoint: "https://fly.storage.tigris.dev",
     region: "auto",
+    addressingStyle: "virtual",
   });
   assert.equal(config.requireReplica, false);
 });
@@ -116,6 +117,7 @@ Deno.test("replicateCommand() runs denokv under litestream and never puts the to
     "DB_PATH=/data/denokv.sqlite",
     "DATA_DIR=/data",
     "REPLICA_PATH=denokv",
+    "S3_FORCE_PATH_STYLE=false",
     "litestream",
     "replicate",
     "-config",

@@ -7,7 +7,7 @@
  */
 import { fileURLToPath } from "node:url";
 import { join } from "node:path";
-import { cacheDir, isFile, loadPins, toolPaths } from "./dev/tools.ts";
+import { cacheDir, isFile, loadPins, toolPaths } from "./tools.ts";
 
 /** The local stack's settings, from the environment with embedded defaults. */
 export interface DevConfig {
@@ -23,7 +23,7 @@ export interface DevConfig {
 
 /** Reads the environment once; generates a token (kept in `.data/token`) when none is set. */
 export async function loadConfig(env: Record<string, string | undefined>): Promise<DevConfig> {
-  const root = fileURLToPath(new URL("..", import.meta.url));
+  const root = fileURLToPath(new URL("../..", import.meta.url));
   const dataDir = env.DATA_DIR ?? join(root, ".data");
   await Deno.mkdir(dataDir, { recursive: true });
   let token = env.DENO_KV_ACCESS_TOKEN ?? "";
