@@ -7,7 +7,7 @@
 import assert from "node:assert/strict";
 import { join } from "node:path";
 import { freePort, openRemoteKv, ROOT, TEST_TOKEN, waitFor } from "../_helpers/processes.ts";
-import { startFauxS3 } from "../_helpers/s3.ts";
+import { startMinio } from "../_helpers/minio.ts";
 import { startSmtpCapture } from "../_helpers/smtp.ts";
 import { buildah } from "./buildah.ts";
 import { buildImage, type Built } from "./build.ts";
@@ -91,7 +91,9 @@ async function countKeys(kv: Deno.Kv): Promise<number> {
 
 /** A process's role in the table, from its command line. */
 function role(cmd: string): string {
-  if (cmd.includes("supervisord")) return "supervisord";
+  // The lease renewer's command line names supervisorctl, its config and denokv: first.
+  if (cmd.includes("lease_cli.ts")) return "lease renewer (deno)";
+  if (cmd.includes("bin/supervisord")) return "supervisord";
   if (cmd.includes("proxy/main.ts")) return "proxy (deno)";
   if (cmd.startsWith("litestream")) return "litestream";
   if (cmd.includes("denokv")) return "denokv";
@@ -131,7 +133,8 @@ Deno.test({
     await Deno.mkdir(dataDir);
     const crontab = join(dir, "crontab");
     await Deno.writeTextFile(crontab, await everyMinuteCrontab());
-    await using s3 = await startFauxS3();
+    // MinIO, not fauxqs: the image's replica lease needs S3's conditional writes.
+    await using s3 = await startMinio("denokv-image-test");
     await using smtp = await startSmtpCapture();
     const port = freePort();
     const env = {
@@ -140,8 +143,9 @@ Deno.test({
       // Host network: keep every listener on loopback, away from other tests' ports.
       HOSTNAME_BIND: "127.0.0.1",
       DENOKV_URL: `http://127.0.0.1:${freePort()}`,
-      S3_ADDRESSING_STYLE: "path",
       APP_NAME: "image-test",
+      // One machine, rebooted: the lease it held before the SIGKILL is its own.
+      FLY_MACHINE_ID: "image-test-machine",
       ...s3.env("image-test"),
       ...smtp.env(),
     };
@@ -166,7 +170,16 @@ Deno.test({
           await buildah(["umount", boot.container]);
         }
         const names = imageProcesses(boot).map((p) => role(p.cmd));
-        for (const name of ["supervisord", "proxy (deno)", "litestream", "denokv", "supercronic"]) {
+        for (
+          const name of [
+            "supervisord",
+            "proxy (deno)",
+            "litestream",
+            "denokv",
+            "supercronic",
+            "lease renewer (deno)",
+          ]
+        ) {
           assert.ok(names.includes(name), `${name} is not running: ${names.join(", ")}`);
         }
       });
