@@ -81,9 +81,11 @@ export async function imageSize(name: string): Promise<number> {
   return Number(m[1]) * { B: 1, kB: 1e3, MB: 1e6, GB: 1e9 }[m[2] as "B"];
 }
 
-async function containerIds(): Promise<Set<string>> {
-  const res = await buildah(["containers", "--quiet", "--notruncate"]);
-  return new Set(res.stdout.split("\n").filter(Boolean));
+/** Containers in the store, by id, with the image each was made from. */
+async function containers(): Promise<Map<string, string>> {
+  const res = await buildah(["containers", "--json"]);
+  const list = (JSON.parse(res.stdout || "null") ?? []) as { id: string; imagename: string }[];
+  return new Map(list.map((c) => [c.id, c.imagename]));
 }
 
 /**
@@ -92,9 +94,11 @@ async function containerIds(): Promise<Set<string>> {
  * every rebuilt step leaves the layers it replaced as untagged images. The
  * layers this build used or made (named in its log) stay as the next cache.
  */
-async function dropLeftovers(containersBefore: Set<string>, log: string): Promise<void> {
-  for (const id of await containerIds()) {
-    if (!containersBefore.has(id)) await buildah(["rm", id], { allowFail: true });
+async function dropLeftovers(containersBefore: Map<string, string>, log: string): Promise<void> {
+  for (const [id, image] of await containers()) {
+    // A boot of the built image by a test running beside this one is not a leftover.
+    if (containersBefore.has(id) || image === IMAGE_NAME) continue;
+    await buildah(["rm", id], { allowFail: true });
   }
   // buildah prints new layers by 11-character ids and cached ones in full.
   const used = [...log.matchAll(/--> (?:Using cache )?([0-9a-f]{11,64})/g)].map((m) => m[1]);
@@ -119,7 +123,7 @@ export async function buildImage(): Promise<Built> {
   const dir = await Deno.makeTempDir({ prefix: "image-build-" });
   try {
     await using served = serveFile(supercronic);
-    const containersBefore = await containerIds();
+    const containersBefore = await containers();
     console.log(`image test: buildah build of ${join(ROOT, "Dockerfile")}`);
     const started = performance.now();
     const res = await buildah([
