@@ -1,0 +1,110 @@
+/**
+ * The proxy's one access-token check, shared by the KV Connect path, `/status`
+ * and `/metrics`: the same token rules as denokv (any printable ASCII, at
+ * least 12 characters, sent as `Authorization: Bearer <token>`), compared in
+ * constant time from the headers alone, before any body byte is read.
+ */
+import type { MiddlewareHandler } from "hono";
+import { cuttingAnswer } from "./closing.ts";
+
+/** denokv refuses shorter tokens (`run_serve` in denokv's main.rs). */
+export const MIN_TOKEN_LENGTH = 12;
+
+/**
+ * Visible ASCII and inner spaces: what an HTTP header value carries unchanged.
+ * The Deno client refuses anything else in a header, and HTTP trims spaces at
+ * either end, so such a token could never match.
+ */
+const PRINTABLE = /^[\x21-\x7e](?:[\x20-\x7e]*[\x21-\x7e])?$/;
+
+/**
+ * Checks a token from the environment; throws an Error that says what is
+ * wrong (never what the token is).
+ *
+ * @example
+ * ```ts
+ * import { validateToken } from "./auth.ts";
+ * validateToken("any:printable!#token");
+ * let message = "";
+ * try {
+ *   validateToken("tab\tinside-token");
+ * } catch (err) {
+ *   message = (err as Error).message;
+ * }
+ * if (!message.includes("printable ASCII")) throw new Error("accepted a tab");
+ * ```
+ */
+export function validateToken(token: string | undefined, name = "DENO_KV_ACCESS_TOKEN"): string {
+  const value = token ?? "";
+  if (value.length < MIN_TOKEN_LENGTH) {
+    throw new Error(`${name} must be at least ${MIN_TOKEN_LENGTH} characters: got ${value.length}`);
+  }
+  if (!PRINTABLE.test(value)) {
+    const bad = [...value].findIndex((ch, i) =>
+      !/[\x20-\x7e]/.test(ch) || ((i === 0 || i === value.length - 1) && ch === " ")
+    );
+    throw new Error(
+      `${name} must be printable ASCII (letters, digits, punctuation, inner spaces) so an ` +
+        `Authorization header can carry it: character ${bad + 1} of ${value.length} is not`,
+    );
+  }
+  return value;
+}
+
+/**
+ * Returns a predicate that tells whether an `Authorization` header value is
+ * `Bearer <token>`, in time that depends only on the token's length.
+ */
+export function bearerChecker(
+  token: string,
+): (authorization: string | null | undefined) => boolean {
+  const expected = new TextEncoder().encode(`Bearer ${validateToken(token)}`);
+  return (authorization) => {
+    const given = authorization ?? "";
+    let diff = given.length ^ expected.length;
+    for (let i = 0; i < expected.length; i++) {
+      // charCodeAt past the end is NaN, which `| 0` makes 0: no early exit either way.
+      diff |= expected[i] ^ (given.charCodeAt(i) | 0);
+    }
+    return diff === 0;
+  };
+}
+
+/** Options for {@linkcode requireToken}. */
+export interface RequireTokenOptions {
+  /** The access token. */
+  token: string;
+}
+
+/**
+ * Middleware that answers 401 unless the request carries the token. It reads
+ * headers only, and resets the connection of a request that declared a body,
+ * so a client without the token can neither make the proxy hold a body nor
+ * keep the connection open.
+ *
+ * @example
+ * ```ts
+ * import { Hono } from "hono";
+ * import { requireToken } from "./auth.ts";
+ * const app = new Hono();
+ * app.get("/secret", requireToken({ token: "a-long-enough-token" }), (c) => c.text("ok"));
+ * const res = await app.request("/secret", {
+ *   headers: { authorization: "Bearer a-long-enough-token" },
+ * });
+ * if (res.status !== 200) throw new Error(`expected 200, got ${res.status}`);
+ * ```
+ */
+export function requireToken(opts: RequireTokenOptions): MiddlewareHandler {
+  const matches = bearerChecker(opts.token);
+  return async (c, next) => {
+    if (matches(c.req.header("authorization"))) return await next();
+    const text = "Unauthorized: send Authorization: Bearer <DENO_KV_ACCESS_TOKEN>.\n";
+    const headers = { "www-authenticate": 'Bearer realm="denokv"' };
+    // A declared body is never read: the connection is reset after the
+    // answer, so the client can neither hold it nor make the proxy buffer.
+    const declared = c.req.header("transfer-encoding") !== undefined ||
+      (c.req.header("content-length") ?? "0") !== "0";
+    if (declared) return cuttingAnswer(401, text, headers);
+    return c.text(text, 401, headers);
+  };
+}
