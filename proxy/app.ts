@@ -284,6 +284,7 @@ function accessLog(log: (line: string) => void): MiddlewareHandler {
  * DEL, non-ASCII, quotes and backslashes become `\t`, `\n`, `\r` or `\xNN`.
  */
 export function escapeLogText(text: string): string {
+  // deno-lint-ignore no-control-regex -- matching control characters is the point
   return text.replace(/[\x00-\x1f\x7f-\uffff"\\]/g, (ch) => {
     if (ch === "\t") return "\\t";
     if (ch === "\n") return "\\n";

@@ -134,7 +134,10 @@ if (import.meta.main) {
   };
   if (config.localReplicaDir) env.LOCAL_REPLICA_DIR = config.localReplicaDir;
   const conf = await Deno.readTextFile(join(config.root, "supervisord.conf"));
-  const programs = parsePrograms(conf, env).filter((p) => p.autostart);
+  // Supercronic always starts under supervisord; a laptop without it runs the rest.
+  const programs = parsePrograms(conf, env).filter((p) =>
+    p.autostart && (p.name !== "supercronic" || supercronic)
+  );
   const children = programs.map((p) => ({
     program: p,
     child: new Deno.Command("bash", {

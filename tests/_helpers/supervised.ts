@@ -298,3 +298,19 @@ export async function waitInReplica(
   }, { timeoutMs, intervalMs: 1_000 });
   return performance.now() - start;
 }
+
+/**
+ * The repository's crontab with only the schedule fields of each job line
+ * replaced by "every minute": the command Supercronic runs is the exact line.
+ */
+export async function everyMinuteCrontab(dir: string): Promise<string> {
+  const text = await Deno.readTextFile(join(ROOT, "crontab"));
+  const variant = text.split("\n").map((line) =>
+    line.trim() === "" || line.trim().startsWith("#")
+      ? line
+      : line.trim().replace(/^(\S+\s+){5}/, "* * * * * ")
+  ).join("\n");
+  const path = join(dir, "crontab.every-minute");
+  await Deno.writeTextFile(path, variant);
+  return path;
+}

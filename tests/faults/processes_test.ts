@@ -12,6 +12,7 @@ import {
   cleanup,
   DENOKV_PROCESS,
   descendants,
+  everyMinuteCrontab,
   healthz,
   kill,
   LITESTREAM_PROCESS,
@@ -178,20 +179,29 @@ Deno.test({
   },
 });
 
-/** An SMTP server that greets and then never answers: a backup check mailing it hangs. */
+/**
+ * An SMTP server that greets, then answers EHLO with a multi-line reply that
+ * never ends, one line every 5 s: the client's inactivity timeout never fires,
+ * so a backup check mailing it runs for as long as the test likes.
+ */
 function stallingSmtp(): { port: number; connected: () => boolean; close(): void } {
   const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
   const conns: Deno.Conn[] = [];
+  const encoder = new TextEncoder();
+  const timer = setInterval(() => {
+    for (const c of conns) c.write(encoder.encode("250-still thinking\r\n")).catch(() => {});
+  }, 5_000);
   (async () => {
     for await (const conn of listener) {
       conns.push(conn);
-      conn.write(new TextEncoder().encode("220 stalling.test ESMTP\r\n")).catch(() => {});
+      conn.write(encoder.encode("220 stalling.test ESMTP\r\n")).catch(() => {});
     }
   })().catch(() => {});
   return {
     port: (listener.addr as Deno.NetAddr).port,
     connected: () => conns.length > 0,
     close() {
+      clearInterval(timer);
       listener.close();
       for (const c of conns) {
         try {
@@ -200,19 +210,6 @@ function stallingSmtp(): { port: number; connected: () => boolean; close(): void
       }
     },
   };
-}
-
-/** The repository's crontab with only its schedule replaced by "every minute". */
-export async function everyMinuteCrontab(dir: string): Promise<string> {
-  const text = await Deno.readTextFile(join(ROOT, "crontab"));
-  const variant = text.split("\n").map((line) =>
-    line.trim() === "" || line.trim().startsWith("#")
-      ? line
-      : line.trim().replace(/^(\S+\s+){5}/, "* * * * * ")
-  ).join("\n");
-  const path = join(dir, "crontab.every-minute");
-  await Deno.writeTextFile(path, variant);
-  return path;
 }
 
 Deno.test({
