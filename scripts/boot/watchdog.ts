@@ -86,17 +86,19 @@ export class Watchdog {
   }
 
   /**
-   * Records a probe result (null: both answered); returns true when the pair
-   * must be restarted. A pair still starting (restoring, S3 away) is never
-   * restarted: only one that answered and then stopped answering.
+   * Records a probe result (null: both answered; `hung`: a connection was
+   * taken but no answer came in time); returns true when the pair must be
+   * restarted. A pair still starting (restoring, S3 away) refuses
+   * connections and is left alone; one that takes them without answering,
+   * or that answered and then stopped, is hung.
    */
-  onProbe(problem: string | null, now: number): boolean {
+  onProbe(problem: string | null, now: number, hung = false): boolean {
     if (problem === null) {
       this.#answeredSinceStart = true;
       this.#failingSince = null;
       return false;
     }
-    if (!this.#answeredSinceStart) return false;
+    if (!this.#answeredSinceStart && !hung) return false;
     this.#failingSince ??= now;
     if (now - this.#failingSince < HUNG_AFTER_MS) return false;
     this.#restarting = true;
@@ -106,8 +108,21 @@ export class Watchdog {
   }
 }
 
-/** null when denokv answered a metadata exchange and Litestream its metrics, else why not. */
-async function probe(config: WatchdogConfig): Promise<string | null> {
+/** A probe's verdict: `problem` null when both answered; `hung` when one timed out. */
+interface ProbeResult {
+  problem: string | null;
+  hung: boolean;
+}
+
+const isTimeout = (err: unknown) => err instanceof DOMException && err.name === "TimeoutError";
+
+/** Asks denokv for a metadata exchange and Litestream for its metrics. */
+async function probe(config: WatchdogConfig): Promise<ProbeResult> {
+  let hung = false;
+  const failed = (what: string) => (err: unknown) => {
+    hung ||= isTimeout(err);
+    return `${what}: ${err instanceof Error ? err.message : err}`;
+  };
   const problems = await Promise.all([
     fetch(config.denokvUrl + "/", {
       method: "POST",
@@ -117,17 +132,17 @@ async function probe(config: WatchdogConfig): Promise<string | null> {
     }).then(async (res) => {
       await res.body?.cancel();
       return res.ok ? null : `denokv answered ${res.status}`;
-    }, (err) => `denokv: ${err instanceof Error ? err.message : err}`),
+    }, failed("denokv")),
     fetch(config.litestreamUrl, { signal: AbortSignal.timeout(PROBE_TIMEOUT_MS) }).then(
       async (res) => {
         await res.body?.cancel();
         return res.ok ? null : `Litestream answered ${res.status}`;
       },
-      (err) => `Litestream: ${err instanceof Error ? err.message : err}`,
+      failed("Litestream"),
     ),
   ]);
   const found = problems.filter(Boolean);
-  return found.length === 0 ? null : found.join("; ");
+  return { problem: found.length === 0 ? null : found.join("; "), hung };
 }
 
 async function supervisorctl(config: WatchdogConfig, ...args: string[]): Promise<string> {
@@ -213,20 +228,24 @@ async function main(): Promise<void> {
     }
   };
   let probing = false;
+  log(`watchdog: watching ${PAIR_PROGRAM} (${config.denokvUrl}, ${config.litestreamUrl})`);
+  const debug = Deno.env.get("WATCHDOG_DEBUG") === "1";
   for (;;) {
     write("READY\n");
     const header = parseTokens(await readUntil(null));
     const payload = parseTokens(await readUntil(Number(header.len ?? 0)));
     write("RESULT 2\nOK");
     const name = header.eventname ?? "";
+    if (debug) log(`watchdog: event ${name} ${JSON.stringify(payload)}`);
     if (name.startsWith("PROCESS_STATE_")) {
       if (dog.onState({ name, fields: payload }) === "fatal") {
         stopMachine(config, payload.processname ?? "a program", log);
       }
     } else if (name.startsWith("TICK_") && dog.shouldProbe() && !probing) {
       probing = true;
-      probe(config).then(async (problem) => {
-        if (dog.onProbe(problem, Date.now())) {
+      probe(config).then(async ({ problem, hung }) => {
+        if (debug) log(`watchdog: probe ${problem ?? "ok"}`);
+        if (dog.onProbe(problem, Date.now(), hung)) {
           log(
             `watchdog: the pair has not answered for ${HUNG_AFTER_MS} ms (${problem}): restarting it`,
           );
