@@ -98,13 +98,17 @@ export function requireToken(opts: RequireTokenOptions): MiddlewareHandler {
   const matches = bearerChecker(opts.token);
   return async (c, next) => {
     if (matches(c.req.header("authorization"))) return await next();
-    const text = "Unauthorized: send Authorization: Bearer <DENO_KV_ACCESS_TOKEN>.\n";
+    // denokv's own words, so clients see the same answer with or without the proxy.
+    const text = "Invalid access token.";
     const headers = { "www-authenticate": 'Bearer realm="denokv"' };
-    // A declared body is never read: the connection is reset after the
-    // answer, so the client can neither hold it nor make the proxy buffer.
+    // A declared body is never read. Over HTTP/1.x (the only requests that
+    // carry a Host header: HTTP/2 has :authority instead) the connection is
+    // reset after the answer, so the client can neither hold it nor make the
+    // proxy buffer. An HTTP/2 answer ends just its stream, and the Deno
+    // client (which speaks HTTP/2 to a plain-HTTP server) sees a clean 401.
     const declared = c.req.header("transfer-encoding") !== undefined ||
       (c.req.header("content-length") ?? "0") !== "0";
-    if (declared) return cuttingAnswer(401, text, headers);
+    if (declared && c.req.header("host") !== undefined) return cuttingAnswer(401, text, headers);
     return c.text(text, 401, headers);
   };
 }
