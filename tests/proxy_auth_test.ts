@@ -14,7 +14,7 @@ Deno.test("validateToken() accepts every printable ASCII character and names a b
   assert.throws(() => validateToken("short"), /at least 12 characters: got 5/);
   assert.throws(() => validateToken("abc\u0001defghijklm"), /printable ASCII .* character 4 of 14/);
   assert.throws(() => validateToken(" leading-space-token"), /character 1 of 20/);
-  assert.throws(() => validateToken("non-ascii-tokén-here"), /character 15 of 20/);
+  assert.throws(() => validateToken("non-ascii-tokén-here"), /character 14 of 20/);
 });
 
 Deno.test("bearerChecker() matches exactly `Bearer <token>`", () => {
