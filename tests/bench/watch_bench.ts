@@ -89,10 +89,14 @@ const mib = (kib: number) => (kib / 1024).toFixed(1);
 const perWatchKiB = (a: number, b: number) => ((b - a) / N).toFixed(1);
 const cpuPct = (a: number, b: number, ms: number) =>
   (((b - a) / TICKS_PER_S) / (ms / 1000) * 100).toFixed(2);
-console.log(`denokv: ${DENOKV_DIR ? "official 0.14.0" : "stand-in"}; ${N} watches opened in ${
-  openMs.toFixed(0)
-} ms`);
-console.log(`| process | RSS before | RSS with ${N} watches | per watch | CPU to open all | CPU while idle (pings) |`);
+console.log(
+  `denokv: ${DENOKV_DIR ? "official 0.14.0" : "stand-in"}; ${N} watches opened in ${
+    openMs.toFixed(0)
+  } ms`,
+);
+console.log(
+  `| process | RSS before | RSS with ${N} watches | per watch | CPU to open all | CPU while idle (pings) |`,
+);
 console.log("| --- | --- | --- | --- | --- | --- |");
 for (const name of ["proxy", "denokv"] as const) {
   const rss = `${name}Rss` as const;
