@@ -168,6 +168,7 @@ Deno.test({
       assert.ok(status !== null, `supervisord still runs:\n${stack.supervisord.output}`);
       assert.notEqual(status.code, 0, stack.supervisord.output);
       assert.match(stack.supervisord.output, /proxy entered FATAL state/);
+      assert.match(stack.supervisord.output, /watchdog: proxy entered FATAL: stopping/);
       await waitFor("no process of the stack left", () => children.every((p) => !alive(p)), {
         timeoutMs: 10_000,
       });
