@@ -258,7 +258,7 @@ function limitBody(
 
 /**
  * One line per request: method, path as sent (never the query), status,
- * milliseconds and user agent. The path is the raw one, not Hono's decoded
+ * milliseconds and the user agent when there is one. The path is the raw one, not Hono's decoded
  * `c.req.path` (a `%0A` there would start a forged line), and both it and
  * the user agent go through {@linkcode escapeLogText}.
  */
@@ -271,10 +271,10 @@ function accessLog(log: (line: string) => void): MiddlewareHandler {
     const target = url.slice(url.indexOf("/", url.indexOf("//") + 2));
     const query = target.indexOf("?");
     const path = query < 0 ? target : target.slice(0, query);
-    const agent = c.req.header("user-agent") ?? "";
+    const agent = c.req.header("user-agent");
     log(
-      `${escapeLogText(c.req.method)} ${escapeLogText(path)} ${c.res.status} ${ms}ms ` +
-        `"${escapeLogText(agent)}"`,
+      `${escapeLogText(c.req.method)} ${escapeLogText(path)} ${c.res.status} ${ms}ms` +
+        (agent ? ` "${escapeLogText(agent)}"` : ""),
     );
   };
 }
