@@ -4,11 +4,11 @@
 # checks that everything copied here exists and every configured path resolves.
 
 ARG DENO_VERSION=2.9.6
-ARG DENOKV_VERSION=0.12.0
+ARG DENOKV_VERSION=0.14.0
 ARG NODE_VERSION=20.19.5
 
 # The official denokv binary, taken from its own image (tags are the release numbers;
-# 0.12.0 is the release whose source we read; the binary lives at /usr/local/bin/denokv).
+# the newest release, built from crates.io by the tests; binary at /usr/local/bin/denokv).
 FROM ghcr.io/denoland/denokv:${DENOKV_VERSION} AS denokv
 
 # The official Deno binary.
@@ -30,7 +30,7 @@ RUN npm ci --ignore-scripts --no-audit --no-fund \
   && ./node_modules/@flydotio/litestream-linux-x64/litestream version | grep -qx "v${LITESTREAM_VERSION}"
 
 FROM debian:bookworm-slim
-ARG SUPERCRONIC_VERSION=v0.2.33
+ARG SUPERCRONIC_VERSION=v0.2.48
 # Supercronic publishes SHA1 sums with each release (supercronic-linux-amd64).
 ARG SUPERCRONIC_SHA1SUM=71b0d58cc53f6bd72cf2f293e09e294b79c666d8
 
@@ -54,7 +54,6 @@ ENV APP_DIR=/app \
     DENOKV_URL=http://127.0.0.1:4513 \
     PORT=4512 \
     REPLICA_PATH=denokv \
-    SUPERCRONIC_AUTOSTART=true \
     DENO_NO_UPDATE_CHECK=1
 
 WORKDIR /app

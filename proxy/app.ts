@@ -94,6 +94,10 @@ export interface ProxyOptions {
   fetch?: typeof fetch;
   /** Extra routes mounted by other parts of the product (e.g. `/status`). */
   extend?: (app: Hono) => void;
+  /** Runs first on every request (the metrics of `metrics.ts`). */
+  instrument?: MiddlewareHandler;
+  /** Told when denokv did not answer a KV Connect request: the raw path, and whether in time. */
+  onUpstreamError?: (path: string, timedOut: boolean) => void;
 }
 
 /** Builds the proxy app; rejects bad options at construction. */
@@ -150,6 +154,7 @@ export function createApp(options: ProxyOptions): Hono {
 
   const app = new Hono();
 
+  if (options.instrument) app.use(options.instrument);
   if (log) app.use(accessLog(log));
 
   app.onError((err, c) => {
@@ -184,6 +189,7 @@ export function createApp(options: ProxyOptions): Hono {
     },
     lean,
     volume,
+    options.onUpstreamError,
   );
   // KV Connect is POST only; anything else on these paths is "not found".
   // The token is checked first, from the headers alone: nobody without it
@@ -309,6 +315,7 @@ function forwarder(
   timeouts: { readMs: number; writeMs: number; bodyMs: number },
   upstream: Upstream | null,
   volume: FreeSpace | null,
+  onUpstreamError: (path: string, timedOut: boolean) => void = () => {},
 ): (c: Context) => Promise<Response> {
   const unreachable = (c: Context, reason: string) =>
     c.text(`denokv is unreachable, try again: ${reason}`, 503, { "retry-after": "1" });
@@ -363,6 +370,7 @@ function forwarder(
         });
       } catch (err) {
         if (err instanceof UnsendableRequest) return c.text(`Bad request: ${err.message}`, 400);
+        onUpstreamError(path, err instanceof UpstreamError && err.timedOut);
         if (write && err instanceof UpstreamError && err.sent) {
           return err.timedOut
             ? c.text(
@@ -407,6 +415,7 @@ function forwarder(
       });
     } catch (err) {
       req.signal.removeEventListener("abort", onAbort);
+      if (!req.signal.aborted) onUpstreamError(path, controller.signal.aborted);
       if (write && !req.signal.aborted) {
         return unknownOutcome(c, `no answer from denokv to this write (${err})`);
       }

@@ -1,6 +1,6 @@
 /**
- * The proxy's one access-token check, shared by the KV Connect path, `/status`
- * and `/metrics`: the same token rules as denokv (any printable ASCII, at
+ * The proxy's one access-token check, shared by the KV Connect path, `/status`,
+ * `/metrics` and the console's login: the same token rules as denokv (any printable ASCII, at
  * least 12 characters, sent as `Authorization: Bearer <token>`), compared in
  * constant time from the headers alone, before any body byte is read.
  */
@@ -51,6 +51,28 @@ export function validateToken(token: string | undefined, name = "DENO_KV_ACCESS_
   return value;
 }
 
+/** A predicate that tells whether a string equals `expected`, in time that depends only on `expected`'s length. */
+function equalsChecker(expected: string): (given: string | null | undefined) => boolean {
+  const bytes = new TextEncoder().encode(expected);
+  return (given) => {
+    const text = given ?? "";
+    let diff = text.length ^ bytes.length;
+    for (let i = 0; i < bytes.length; i++) {
+      // charCodeAt past the end is NaN, which `| 0` makes 0: no early exit either way.
+      diff |= bytes[i] ^ (text.charCodeAt(i) | 0);
+    }
+    return diff === 0;
+  };
+}
+
+/**
+ * Returns a predicate that tells whether a token typed by a person (the
+ * console's login form) is the access token, in constant time.
+ */
+export function tokenChecker(token: string): (given: string | null | undefined) => boolean {
+  return equalsChecker(validateToken(token));
+}
+
 /**
  * Returns a predicate that tells whether an `Authorization` header value is
  * `Bearer <token>`, in time that depends only on the token's length.
@@ -58,16 +80,7 @@ export function validateToken(token: string | undefined, name = "DENO_KV_ACCESS_
 export function bearerChecker(
   token: string,
 ): (authorization: string | null | undefined) => boolean {
-  const expected = new TextEncoder().encode(`Bearer ${validateToken(token)}`);
-  return (authorization) => {
-    const given = authorization ?? "";
-    let diff = given.length ^ expected.length;
-    for (let i = 0; i < expected.length; i++) {
-      // charCodeAt past the end is NaN, which `| 0` makes 0: no early exit either way.
-      diff |= expected[i] ^ (given.charCodeAt(i) | 0);
-    }
-    return diff === 0;
-  };
+  return equalsChecker(`Bearer ${validateToken(token)}`);
 }
 
 /** Options for {@linkcode requireToken}. */

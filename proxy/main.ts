@@ -4,10 +4,13 @@
  */
 import { fileURLToPath } from "node:url";
 import { isAbsolute, resolve } from "node:path";
+import { litestreamAddr } from "../scripts/boot/litestream_addr.ts";
 import { createApp } from "./app.ts";
 import { validateToken } from "./auth.ts";
 import { quietCuts } from "./closing.ts";
 import { statusRoutes } from "./status.ts";
+import { type MetricsConfig, metricsConfig, ProxyMetrics } from "./metrics.ts";
+import { consoleRoutes, parseQueuePrefixes } from "./console/mod.tsx";
 
 /** The proxy's validated configuration. */
 export interface ProxyConfig {
@@ -24,10 +27,12 @@ export interface ProxyConfig {
   /** Litestream's metrics URL `/healthz` requires to answer, or null (no check). */
   litestreamUrl: string | null;
   minFreeBytes: number;
+  metrics: MetricsConfig;
+  /** Extra queue prefixes the console shows (`QUEUE_PREFIXES`). */
+  queuePrefixes: Deno.KvKey[];
+  /** On Fly (`FLY_APP_NAME` set) the edge's Fly-Client-IP names the client; elsewhere it is forgeable. */
+  behindFlyEdge: boolean;
 }
-
-/** Where Litestream serves its metrics unless `LITESTREAM_ADDR` says otherwise (litestream.yml `addr`). */
-export const DEFAULT_LITESTREAM_ADDR = "127.0.0.1:4514";
 
 function positiveMs(
   env: Record<string, string | undefined>,
@@ -60,14 +65,14 @@ export function loadConfig(env: Record<string, string | undefined>): ProxyConfig
   const minFreeBytes = positiveMs(env, "MIN_FREE_BYTES", 16 * 1024 * 1024);
   // supervisord.conf sets HEALTHZ_REQUIRES_LITESTREAM for the proxy it runs
   // beside Litestream; a proxy run on its own has no replication to report.
-  const litestreamAddr = env.LITESTREAM_ADDR || DEFAULT_LITESTREAM_ADDR;
   const litestreamUrl = env.HEALTHZ_REQUIRES_LITESTREAM === "true"
-    ? `http://${litestreamAddr}/metrics`
+    ? `http://${litestreamAddr(env)}/metrics`
     : null;
   const libDir = env.LIB_DIR ?? fileURLToPath(new URL("../lib", import.meta.url));
   return {
     port,
-    hostname: env.HOSTNAME_BIND ?? "0.0.0.0",
+    // "::" takes IPv4 too (Linux dual-stack): Fly's edge arrives over IPv4, <app>.internal over IPv6.
+    hostname: env.HOSTNAME_BIND ?? "::",
     denokvUrl,
     libDir: isAbsolute(libDir) ? libDir : resolve(libDir),
     accessToken: token,
@@ -78,6 +83,9 @@ export function loadConfig(env: Record<string, string | undefined>): ProxyConfig
     bodyTimeoutMs,
     litestreamUrl,
     minFreeBytes,
+    metrics: metricsConfig(env),
+    queuePrefixes: parseQueuePrefixes(env.QUEUE_PREFIXES),
+    behindFlyEdge: Boolean(env.FLY_APP_NAME),
   };
 }
 
@@ -115,6 +123,15 @@ export function bufferedLog(
 
 /** Serves the proxy with `config`; resolves when the server has shut down. */
 export function serveProxy(config: ProxyConfig): Deno.HttpServer {
+  const metrics = new ProxyMetrics({
+    denokvUrl: config.denokvUrl,
+    accessToken: config.accessToken,
+    dataDir: config.dataDir,
+    dbPath: config.metrics.dbPath,
+    s3: config.metrics.s3,
+    litestreamAddr: config.metrics.litestreamAddr,
+  });
+  const status = statusRoutes({ dataDir: config.dataDir, accessToken: config.accessToken });
   const app = createApp({
     denokvUrl: config.denokvUrl,
     libDir: config.libDir,
@@ -125,9 +142,24 @@ export function serveProxy(config: ProxyConfig): Deno.HttpServer {
     litestreamUrl: config.litestreamUrl ?? undefined,
     dataDir: config.dataDir,
     minFreeBytes: config.minFreeBytes,
-    extend: statusRoutes({ dataDir: config.dataDir, accessToken: config.accessToken }),
+    extend: (app) => {
+      status(app);
+      metrics.routes()(app);
+      consoleRoutes({
+        accessToken: config.accessToken,
+        dataDir: config.dataDir,
+        metrics,
+        // Deno's remote KV client takes the token from DENO_KV_ACCESS_TOKEN, which is set.
+        openKv: () => Deno.openKv(config.denokvUrl),
+        queuePrefixes: config.queuePrefixes,
+        trustFlyClientIp: config.behindFlyEdge,
+      })(app);
+    },
+    instrument: metrics.middleware(),
+    onUpstreamError: (path, timedOut) => metrics.upstreamError(path, timedOut),
     log: config.accessLog ? bufferedLog(Deno.stdout) : undefined,
   });
+  metrics.servePrivate(config.metrics);
   return Deno.serve({
     port: config.port,
     hostname: config.hostname,

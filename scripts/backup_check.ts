@@ -5,8 +5,6 @@
  * result and records it for `GET /status`. Exit 0 PASSED, 1 FAILED, 2 when the
  * report could not be delivered (it is then saved under `$DATA_DIR/reports/`).
  */
-// @ts-expect-error: @types/node 20 predates node:sqlite, which Deno 2 provides.
-import { DatabaseSync as UntypedDatabase } from "node:sqlite";
 import { join } from "node:path";
 import { type BackupCheckConfig, loadConfig } from "./backup_check/config.ts";
 import { appendHistory, type CheckRecord, type CheckRow } from "./backup_check/history.ts";
@@ -19,29 +17,15 @@ import {
   waitForUpload,
 } from "./backup_check/replica.ts";
 import { renderReport, saveReport, sendReport } from "./backup_check/report.ts";
-
-/** The part of node:sqlite's DatabaseSync the integrity step uses. */
-interface SqliteDatabase {
-  prepare(sql: string): { all(): Record<string, unknown>[] };
-  close(): void;
-}
-const DatabaseSync = UntypedDatabase as new (
-  path: string,
-  opts: { readOnly: boolean },
-) => SqliteDatabase;
+import { checkIntegrity, countRestoredEntries } from "./backup_check/verify.ts";
+import { compareDatabases } from "./backup_check/compare.ts";
 
 /** Writes through denokv get this long before the check gives up on the server. */
 const KV_TIMEOUT_MS = 15_000;
-/** Entries written or deleted between the restore and the live count are tolerated up to this... */
+/** Entries written or deleted between the restore point and the comparison are tolerated up to this... */
 const COUNT_TOLERANCE_MIN = 100;
 /** ...or this share of the live count, whichever is larger. */
 const COUNT_TOLERANCE_SHARE = 0.01;
-/**
- * Entries per KV Connect list request when counting the live database: 1000
- * peaked at 154 MB RSS for 100,000 entries, 200 at 128 MB for +0.5 s
- * (tests/bench/backup_bench.ts).
- */
-const LIVE_LIST_BATCH = 200;
 /** The heartbeat must not hold the check up. */
 const HEARTBEAT_TIMEOUT_MS = 10_000;
 
@@ -83,28 +67,6 @@ function age(from: Date | undefined, now: Date): string {
 
 function megabytes(bytes: number): string {
   return `${(bytes / 1024 / 1024).toFixed(2)} MB`;
-}
-
-async function countEntries(kv: Deno.Kv): Promise<number> {
-  let n = 0;
-  for await (const _ of kv.list({ prefix: [] }, { batchSize: LIVE_LIST_BATCH })) n++;
-  return n;
-}
-
-/**
- * Counts live (unexpired) entries of a restored denokv file in SQL: listing
- * them through `Deno.openKv` costs about 90 MB more for 100,000 entries.
- */
-function countRestoredEntries(path: string): number {
-  const db = new DatabaseSync(path, { readOnly: true });
-  try {
-    const [row] = db.prepare(
-      `SELECT count(*) AS n FROM kv WHERE expiration_ms < 0 OR expiration_ms > ${Date.now()}`,
-    ).all();
-    return Number(row.n);
-  } finally {
-    db.close();
-  }
 }
 
 /** Runs one step, timing it and turning a throw into a failed row. */
@@ -217,57 +179,38 @@ export async function runBackupCheck(
     log("integrity");
     await step(rows, "integrity", () => {
       if (!restored) return Promise.resolve({ ok: false, detail: "skipped: nothing restored" });
-      const db = new DatabaseSync(restoredPath, { readOnly: true });
-      try {
-        const results: string[] = [];
-        for (const pragma of ["quick_check", "integrity_check"]) {
-          const rows = db.prepare(`PRAGMA ${pragma}`).all();
-          const values = rows.map((r) => String(Object.values(r)[0]));
-          results.push(`${pragma} ${values.slice(0, 3).join("; ")}`);
-          if (values.length !== 1 || values[0] !== "ok") {
-            return Promise.resolve({ ok: false, detail: results.join(", ") });
-          }
-        }
-        return Promise.resolve({ ok: true, detail: results.join(", ") });
-      } finally {
-        db.close();
-      }
+      return Promise.resolve(checkIntegrity(restoredPath));
     });
 
     log("contents");
     await step(rows, "contents", async () => {
       if (!restored) return { ok: false, detail: "skipped: nothing restored" };
       const copy = await Deno.openKv(restoredPath);
+      let found: Deno.KvEntryMaybe<Canary>;
       try {
-        const found = await copy.get<Canary>(canaryKey());
-        const restoredCount = countRestoredEntries(restoredPath);
-        if (found.value?.id !== canary.id) {
-          return {
-            ok: false,
-            detail: `canary ${canary.id} missing from the restored copy (found ${
-              found.value ? `canary ${found.value.id} of ${found.value.writtenAt}` : "no canary"
-            }); ${restoredCount} entries`,
-          };
-        }
-        if (!live) return { ok: false, detail: "no connection to denokv to compare counts" };
-        const liveCount = await withTimeout(
-          "counting live entries",
-          KV_TIMEOUT_MS * 4,
-          countEntries(live),
-        );
-        const tolerance = Math.max(
-          COUNT_TOLERANCE_MIN,
-          Math.ceil(liveCount * COUNT_TOLERANCE_SHARE),
-        );
-        const ok = Math.abs(liveCount - restoredCount) <= tolerance;
-        return {
-          ok,
-          detail: `canary ${canary.id} present; ${restoredCount} entries restored, ` +
-            `${liveCount} live (tolerance ${tolerance})`,
-        };
+        found = await copy.get<Canary>(canaryKey());
       } finally {
         copy.close();
       }
+      if (found.value?.id !== canary.id) {
+        return {
+          ok: false,
+          detail: `canary ${canary.id} missing from the restored copy (found ${
+            found.value ? `canary ${found.value.id} of ${found.value.writtenAt}` : "no canary"
+          }); ${countRestoredEntries(restoredPath)} entries`,
+        };
+      }
+      // Every entry, compared inside SQLite: a million cost a scan, not a million objects.
+      const diff = compareDatabases(restoredPath, config.dbPath);
+      const tolerance = Math.max(COUNT_TOLERANCE_MIN, Math.ceil(diff.live * COUNT_TOLERANCE_SHARE));
+      const differing = diff.missing + diff.extra + diff.changed;
+      return {
+        ok: differing <= tolerance,
+        detail:
+          `canary ${canary.id} present; ${diff.restored} entries restored, ${diff.live} live; ` +
+          `${diff.missing} missing, ${diff.extra} extra, ${diff.changed} changed since ` +
+          `(tolerance ${tolerance})`,
+      };
     });
 
     log("replica");

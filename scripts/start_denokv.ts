@@ -17,12 +17,17 @@ import {
   localPosition,
   parseWalList,
 } from "./start_denokv_freshness.ts";
+import {
+  type AddressingStyle,
+  litestreamAddressingEnv,
+  s3AddressingStyle,
+} from "./boot/s3_addressing.ts";
+import { claimReplicaLease } from "./boot/lease.ts";
+import { litestreamAddr } from "./boot/litestream_addr.ts";
 
 export { MIN_TOKEN_LENGTH } from "../proxy/auth.ts";
 /** The lock file that keeps two restores off one volume (held for the whole start-up step). */
 export const RESTORE_LOCK_FILE = ".restore.lock";
-/** Where Litestream serves its metrics (the proxy's /healthz and the watchdog ask it). */
-export const DEFAULT_LITESTREAM_ADDR = "127.0.0.1:4514";
 /** Longest wait between two attempts to reach the replica: S3 back means serving within seconds. */
 export const MAX_RETRY_DELAY_MS = 5_000;
 /** Written once a database has lived in `$DATA_DIR`; its presence forbids an empty start. */
@@ -38,7 +43,14 @@ export const S3_VARIABLES = [
 
 /** Where Litestream replicates to. */
 export type Replica =
-  | { kind: "s3"; bucket: string; path: string; endpoint: string; region: string }
+  | {
+    kind: "s3";
+    bucket: string;
+    path: string;
+    endpoint: string;
+    region: string;
+    addressingStyle: AddressingStyle;
+  }
   | { kind: "file"; dir: string };
 
 /** The start-up program's validated configuration. */
@@ -115,6 +127,7 @@ export function loadConfig(env: Record<string, string | undefined>): StartConfig
       path,
       endpoint,
       region: env.AWS_REGION!,
+      addressingStyle: s3AddressingStyle(env),
     };
     litestreamConfig = absolute(
       "LITESTREAM_CONFIG",
@@ -134,11 +147,11 @@ export function loadConfig(env: Record<string, string | undefined>): StartConfig
     requireReplica,
     litestreamBin: env.LITESTREAM_BIN || "litestream",
     denokvBin: env.DENOKV_BIN || "denokv",
-    litestreamAddr: litestreamAddr(env.LITESTREAM_ADDR || DEFAULT_LITESTREAM_ADDR),
+    litestreamAddr: checkedAddr(litestreamAddr(env)),
   };
 }
 
-function litestreamAddr(value: string): string {
+function checkedAddr(value: string): string {
   if (!/^[\w.-]+:\d+$/.test(value)) {
     throw new Error(`LITESTREAM_ADDR must be host:port: got "${value}"`);
   }
@@ -209,7 +222,10 @@ export function litestreamEnv(config: StartConfig): Record<string, string> {
     DATA_DIR: config.dataDir,
     LITESTREAM_ADDR: config.litestreamAddr,
   };
-  if (config.replica.kind === "s3") env.REPLICA_PATH = config.replica.path;
+  if (config.replica.kind === "s3") {
+    env.REPLICA_PATH = config.replica.path;
+    Object.assign(env, litestreamAddressingEnv(config.replica.addressingStyle));
+  }
   return env;
 }
 
@@ -275,6 +291,12 @@ export interface PrepareOptions {
   maxAttempts?: number;
   /** Delay before the first retry (ms), doubled up to {@linkcode MAX_RETRY_DELAY_MS}. */
   firstDelayMs?: number;
+  /**
+   * Claims the replica's lease (one writer per replica) once the volume lock is
+   * held; default: {@linkcode claimReplicaLease} on the process environment,
+   * which returns at once without a bucket.
+   */
+  claimLease?: (log: (line: string) => void) => Promise<void>;
 }
 
 /** A replica operation that may succeed later (S3 unreachable, a timeout). */
@@ -381,8 +403,8 @@ async function restore(config: StartConfig, log: (line: string) => void): Promis
 /**
  * Prepares the data directory and database; throws (fail closed) when denokv
  * must not start. Returns the argv to exec. The steps, in order: folders and
- * config, the volume lock, the decision (missing or older than the replica:
- * restore), the restore, the marker.
+ * config, the volume lock, the replica's lease, the decision (missing or older
+ * than the replica: restore), the restore, the marker.
  */
 export async function prepare(
   config: StartConfig,
@@ -404,6 +426,8 @@ export async function prepare(
   }
   const lock = await lockVolume(config, log);
   try {
+    // One writer per replica: wait here, before any restore, while another machine holds it.
+    await (opts.claimLease ?? ((l) => claimReplicaLease(Deno.env.toObject(), l)))(log);
     const marker = join(config.dataDir, MARKER_FILE);
     const markerExists = existsSync(marker);
     let decision = decideStart({ dbExists: existsSync(config.dbPath), markerExists });

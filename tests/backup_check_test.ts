@@ -10,6 +10,7 @@ import { startSmtpCapture } from "./_helpers/smtp.ts";
 import { freePort } from "./_helpers/processes.ts";
 import { type CheckRecord, readLatest } from "../scripts/backup_check/history.ts";
 import { loadConfig } from "../scripts/backup_check/config.ts";
+import { compareDatabases } from "../scripts/backup_check/compare.ts";
 
 const opts = { sanitizeOps: false, sanitizeResources: false };
 /** Short enough to keep the failing cases quick, long enough for a 500 ms sync interval. */
@@ -323,4 +324,39 @@ Deno.test("loadConfig() applies the DESIGN.md defaults and rejects a short token
   );
   assert.throws(() => loadConfig({ ...base, SMTP_HOST: "smtp" }), /"SMTP_FROM" must be set/);
   assert.throws(() => loadConfig({ ...base, BUCKET_NAME: "" }), /"BUCKET_NAME" must be set/);
+});
+
+Deno.test("compareDatabases() streams two denokv files and counts missing, extra and changed entries", async () => {
+  const dir = await Deno.makeTempDir({ prefix: "compare-" });
+  try {
+    const restoredPath = join(dir, "restored.sqlite");
+    const livePath = join(dir, "live.sqlite");
+    const restored = await Deno.openKv(restoredPath);
+    for (let i = 0; i < 300; i++) await restored.set(["k", i], i);
+    await restored.set(["expired"], 1, { expireIn: 1 });
+    restored.close();
+    await Deno.copyFile(restoredPath, livePath);
+    const live = await Deno.openKv(livePath);
+    for (let i = 0; i < 10; i++) await live.delete(["k", i]); // extra in the copy
+    for (let i = 0; i < 5; i++) await live.set(["new", i], i); // missing from the copy
+    for (let i = 100; i < 107; i++) await live.set(["k", i], -i); // changed since
+    live.close();
+    await new Promise((r) => setTimeout(r, 5));
+    assert.deepEqual(compareDatabases(restoredPath, livePath), {
+      restored: 300,
+      live: 295,
+      missing: 5,
+      extra: 10,
+      changed: 7,
+    });
+    assert.deepEqual(compareDatabases(livePath, livePath), {
+      restored: 295,
+      live: 295,
+      missing: 0,
+      extra: 0,
+      changed: 0,
+    });
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
 });

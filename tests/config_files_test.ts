@@ -3,7 +3,7 @@
  * file the Dockerfile copies exists, and every path and command in
  * supervisord.conf and crontab resolves inside the image the Dockerfile builds.
  */
-import { programSections } from "../scripts/dev_stack.ts";
+import { programSections } from "../scripts/dev/dev_stack.ts";
 import assert from "node:assert/strict";
 import { existsSync, statSync } from "node:fs";
 import { join, posix } from "node:path";
@@ -149,7 +149,7 @@ Deno.test("supervisord.conf: every path and command resolves in the image layout
     }
   }
   const progs = programSections(expanded);
-  assert.deepEqual([...progs.keys()].sort(), ["denokv", "proxy", "supercronic"]);
+  assert.deepEqual([...progs.keys()].sort(), ["denokv", "lease", "proxy", "supercronic"]);
   const imageBinsWithScripts = (cmd: string) => {
     const first = cmd.split(/\s+/)[0];
     if (first.startsWith("/")) {

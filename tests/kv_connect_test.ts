@@ -1,16 +1,18 @@
 /**
  * End-to-end KV Connect tests with the real Deno KV client: the same suite
- * through the proxy and directly against the denokv stand-in, plus watch,
+ * through the proxy and directly against denokv (the pinned official binary;
+ * `deno task test:standin` runs this file against the stand-in), plus watch,
  * authentication and outage behaviour.
  */
 import assert from "node:assert/strict";
 import { join } from "node:path";
 import { kvSuite } from "./_helpers/kv_suite.ts";
 import {
+  KV_SERVER,
   openRemoteKv,
+  startDenokv,
   startProxy,
   startStack,
-  startStandin,
   TEST_TOKEN,
   waitFor,
 } from "./_helpers/processes.ts";
@@ -27,7 +29,7 @@ Deno.test("KV Connect through the proxy: the KV suite", opts, async (t) => {
   }
 });
 
-Deno.test("denokv stand-in directly: the KV suite", opts, async (t) => {
+Deno.test(`${KV_SERVER} denokv directly: the KV suite`, opts, async (t) => {
   await using stack = await startStack();
   const kv = await openRemoteKv(stack.denokv.url);
   try {
@@ -77,19 +79,19 @@ Deno.test(
   "a client that drops its watch through the proxy ends the watch on denokv too",
   opts,
   async () => {
-    await using stack = await startStack({ standinEnv: { STANDIN_TRACE: "1" } });
+    await using stack = await startStack({ tap: true });
+    const tap = stack.tap!;
     const kv = await openRemoteKv(stack.proxy.url);
     const reader = kv.watch([["dropped"]]).getReader();
     await reader.read();
-    await waitFor("the watch to open upstream", () => /watch \d+ opened/.test(stack.denokv.output));
-    assert.doesNotMatch(stack.denokv.output, /watch \d+ closed/);
+    await waitFor("the watch to open upstream", () => tap.requests("/v2/watch").length === 1);
+    const [{ conn }] = tap.requests("/v2/watch");
+    assert.ok(!tap.closed(conn), "the upstream watch closed before the client dropped it");
     const t0 = performance.now();
     await reader.cancel();
     kv.close();
     // Before denokv's next 5 s ping could have noticed it.
-    await waitFor("the watch to end upstream", () => /watch \d+ closed/.test(stack.denokv.output), {
-      timeoutMs: 4_000,
-    });
+    await waitFor("the watch to end upstream", () => tap.closed(conn), { timeoutMs: 4_000 });
     assert.ok(performance.now() - t0 < 4_000);
   },
 );
@@ -199,7 +201,7 @@ Deno.test(
     assert.equal(kvDown.status, 503);
     assert.match(await kvDown.text(), /unreachable/);
 
-    await using again = await startStandin({ sqlitePath, port });
+    await using again = await startDenokv({ sqlitePath, port });
     await waitFor("healthz to recover", async () => {
       const res = await fetch(`${base}/healthz`);
       await res.body?.cancel();

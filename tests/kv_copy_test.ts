@@ -1,5 +1,5 @@
 /**
- * End-to-end tests of `scripts/kv_copy.ts`, run as a real subprocess between
+ * End-to-end tests of `scripts/transfer/kv_copy.ts`, run as a real subprocess between
  * stand-in servers (through their proxies) and local SQLite files.
  */
 import assert from "node:assert/strict";
@@ -7,7 +7,7 @@ import { join } from "node:path";
 import { DENO, openRemoteKv, ROOT, startStack, waitFor } from "./_helpers/processes.ts";
 
 const opts = { sanitizeOps: false, sanitizeResources: false };
-const SCRIPT = join(ROOT, "scripts/kv_copy.ts");
+const SCRIPT = join(ROOT, "scripts/transfer/kv_copy.ts");
 const SRC_TOKEN = "source-token-0123456789";
 const DST_TOKEN = "destination-token-0123456789";
 

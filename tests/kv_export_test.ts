@@ -1,6 +1,6 @@
 /**
- * Tests of the NDJSON codec in `scripts/kv_transfer.ts` and of
- * `scripts/kv_export.ts` / `scripts/kv_import.ts` run as real subprocesses.
+ * Tests of the NDJSON codec in `scripts/transfer/kv_transfer.ts` and of
+ * `scripts/transfer/kv_export.ts` / `scripts/transfer/kv_import.ts` run as real subprocesses.
  */
 import assert from "node:assert/strict";
 import { join } from "node:path";
@@ -11,7 +11,7 @@ import {
   lineToEntry,
   MAX_MUTATIONS,
   writeEntries,
-} from "../scripts/kv_transfer.ts";
+} from "../scripts/transfer/kv_transfer.ts";
 import { DENO, openRemoteKv, ROOT, startStack } from "./_helpers/processes.ts";
 
 const opts = { sanitizeOps: false, sanitizeResources: false };
@@ -163,7 +163,7 @@ async function run(
   env: Record<string, string> = {},
 ): Promise<{ code: number; stdout: Uint8Array; stderr: string }> {
   const child = new Deno.Command(DENO, {
-    args: ["run", "-A", "--unstable-kv", join(ROOT, "scripts", script), ...args],
+    args: ["run", "-A", "--unstable-kv", join(ROOT, "scripts/transfer", script), ...args],
     cwd: ROOT,
     env: { DENO_KV_ACCESS_TOKEN: TOKEN, ...env },
     stdin: "piped",

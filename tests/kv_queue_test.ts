@@ -1065,7 +1065,7 @@ Deno.test(
   async () => {
     // Deno's KV client sends a body over 1 KiB in two writes, and Nagle's
     // algorithm holds the second until the server's (delayed) ACK: ~40 ms.
-    await using s = await startStack({ standinEnv: { STANDIN_TRACE: "1" } });
+    await using s = await startStack({ tap: true });
     const kv = await openRemoteKv(s.proxy.url);
     try {
       const queue = new KvQueue(kv);
@@ -1090,9 +1090,7 @@ Deno.test(
         "every message",
         () => seen === total,
       );
-      const sizes = [...s.denokv.output.matchAll(/body atomic_write (\d+)/g)].map((m) =>
-        Number(m[1])
-      );
+      const sizes = s.tap!.requests("/v2/atomic_write").map((r) => r.bodyBytes);
       assert.ok(sizes.length > 0, "no atomic writes were logged");
       assert.ok(Math.max(...sizes) <= 1024, `largest commit ${Math.max(...sizes)} bytes`);
       // Still batched: fewer commits than messages for enqueue, claim and completion together.

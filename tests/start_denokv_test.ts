@@ -41,6 +41,7 @@ Deno.test("loadConfig() applies the documented defaults for S3", () => {
     path: "denokv",
     endpoint: "https://fly.storage.tigris.dev",
     region: "auto",
+    addressingStyle: "virtual",
   });
   assert.equal(config.requireReplica, false);
 });
@@ -145,6 +146,7 @@ Deno.test("replicateCommand() runs denokv under litestream and never puts the to
     "DATA_DIR=/data",
     "LITESTREAM_ADDR=127.0.0.1:4514",
     "REPLICA_PATH=denokv",
+    "S3_FORCE_PATH_STYLE=false",
     "litestream",
     "replicate",
     "-config",

@@ -3,6 +3,7 @@
  * every other part of the check takes a typed {@linkcode BackupCheckConfig}.
  */
 import { join } from "node:path";
+import { s3AddressingStyle } from "../boot/s3_addressing.ts";
 
 /** denokv refuses shorter tokens. */
 const MIN_TOKEN_LENGTH = 12;
@@ -18,6 +19,8 @@ export interface S3Config {
   secretAccessKey: string;
   /** Prefix of the replica inside the bucket. */
   replicaPath: string;
+  /** Bucket in the path, not the host name (`S3_ADDRESSING_STYLE=path`). */
+  forcePathStyle: boolean;
 }
 
 /** SMTP settings; absent when `SMTP_HOST` is unset. */
@@ -134,6 +137,7 @@ export function loadConfig(env: Record<string, string | undefined>): BackupCheck
       accessKeyId: required(env, "AWS_ACCESS_KEY_ID"),
       secretAccessKey: required(env, "AWS_SECRET_ACCESS_KEY"),
       replicaPath: (optional(env, "REPLICA_PATH") ?? "denokv").replace(/^\/+|\/+$/g, ""),
+      forcePathStyle: s3AddressingStyle(env) === "path",
     },
     smtp,
     heartbeatUrl: heartbeat ? httpUrl("HEARTBEAT_URL", heartbeat) : undefined,

@@ -24,12 +24,12 @@ export interface ReplicaHealth {
   latestSnapshotAt?: Date;
 }
 
-/** Builds an S3 client for Tigris or any S3 endpoint, path-style so emulators work too. */
+/** Builds an S3 client for Tigris or any S3 endpoint, addressed as `S3_ADDRESSING_STYLE` says. */
 export function s3Client(s3: S3Config): S3Client {
   return new S3Client({
     endpoint: s3.endpoint,
     region: s3.region,
-    forcePathStyle: true,
+    forcePathStyle: s3.forcePathStyle,
     credentials: { accessKeyId: s3.accessKeyId, secretAccessKey: s3.secretAccessKey },
   });
 }
@@ -129,7 +129,7 @@ export function restoreConfigYaml(dbPath: string, s3: S3Config): string {
     `        path: ${q(s3.replicaPath)}`,
     `        endpoint: ${q(s3.endpoint)}`,
     `        region: ${q(s3.region)}`,
-    "        force-path-style: true",
+    `        force-path-style: ${s3.forcePathStyle}`,
     "",
   ].join("\n");
 }
@@ -146,9 +146,9 @@ export interface RestoreResult {
 const PERMANENT = /no matching backups|no generations|no snapshots available|cannot find/i;
 
 /**
- * Restores the latest replica of `dbPath` into `outPath` (which must not exist),
- * retrying once on an error that may be transient. `dbPath` only names the
- * database in the config; it is never written.
+ * Restores the latest replica of `dbPath` (or its state at `timestamp`) into
+ * `outPath` (which must not exist), retrying once on an error that may be
+ * transient. `dbPath` only names the database in the config; it is never written.
  */
 export async function restoreReplica(opts: {
   litestreamBin: string;
@@ -157,6 +157,8 @@ export async function restoreReplica(opts: {
   workDir: string;
   s3: S3Config;
   env?: Record<string, string>;
+  /** Point-in-time restore: the state as replicated at this time. */
+  timestamp?: Date;
 }): Promise<RestoreResult> {
   const configPath = join(opts.workDir, "litestream-restore.yml");
   await Deno.writeTextFile(configPath, restoreConfigYaml(opts.dbPath, opts.s3), { mode: 0o600 });
@@ -166,7 +168,15 @@ export async function restoreReplica(opts: {
     await Deno.remove(opts.outPath).catch(() => {});
     await Deno.remove(`${opts.outPath}.tmp`).catch(() => {});
     const result = await new Deno.Command(opts.litestreamBin, {
-      args: ["restore", "-config", configPath, "-o", opts.outPath, opts.dbPath],
+      args: [
+        "restore",
+        "-config",
+        configPath,
+        "-o",
+        opts.outPath,
+        ...(opts.timestamp ? ["-timestamp", opts.timestamp.toISOString()] : []),
+        opts.dbPath,
+      ],
       env: {
         ...opts.env,
         LITESTREAM_ACCESS_KEY_ID: opts.s3.accessKeyId,

@@ -10,6 +10,7 @@
  * stderr.
  */
 import { join } from "node:path";
+import { litestreamAddr } from "./litestream_addr.ts";
 
 /** The pair's program in supervisord.conf. */
 export const PAIR_PROGRAM = "denokv";
@@ -35,7 +36,7 @@ export function loadConfig(env: Record<string, string | undefined>): WatchdogCon
   return {
     denokvUrl: env.DENOKV_URL || "http://127.0.0.1:4513",
     token: env.DENO_KV_ACCESS_TOKEN ?? "",
-    litestreamUrl: `http://${env.LITESTREAM_ADDR || "127.0.0.1:4514"}/metrics`,
+    litestreamUrl: `http://${litestreamAddr(env)}/metrics`,
     supervisorConf: join(appDir, "supervisord.conf"),
   };
 }

@@ -5,7 +5,7 @@
  * litestream.yml).
  */
 import { join } from "node:path";
-import { type FauxS3, S3_CREDENTIALS, startFauxS3 } from "./s3.ts";
+import { type FauxS3, startFauxS3 } from "./s3.ts";
 import {
   DENO,
   openRemoteKv,
@@ -80,6 +80,12 @@ function litestreamConfig(dbPath: string, s3: FauxS3): string {
  */
 export async function startBackupFixture(
   seed: (kv: Deno.Kv) => Promise<void> = async () => {},
+  opts: {
+    /** How long Litestream may take for its first snapshot (large benchmark databases). */
+    snapshotTimeoutMs?: number;
+    /** Another S3 than fauxqs (MinIO takes multi-hundred-MB snapshots; fauxqs stalls on them). */
+    startS3?: () => Promise<FauxS3>;
+  } = {},
 ): Promise<BackupFixture> {
   const dir = await Deno.makeTempDir({ prefix: "backup-check-test-" });
   const dataDir = join(dir, "data");
@@ -93,7 +99,7 @@ export async function startBackupFixture(
     await Deno.remove(dir, { recursive: true }).catch(() => {});
   };
   try {
-    const s3 = await startFauxS3();
+    const s3 = await (opts.startS3 ?? startFauxS3)();
     cleanups.push(() => s3[Symbol.asyncDispose]());
     const denokv = await startStandin({ sqlitePath: dbPath });
     cleanups.push(() => denokv.stop("SIGKILL"));
@@ -109,8 +115,8 @@ export async function startBackupFixture(
       args: ["replicate", "-config", configPath],
       env: {
         PATH: TEST_PATH,
-        LITESTREAM_ACCESS_KEY_ID: S3_CREDENTIALS.accessKeyId,
-        LITESTREAM_SECRET_ACCESS_KEY: S3_CREDENTIALS.secretAccessKey,
+        LITESTREAM_ACCESS_KEY_ID: s3.env().AWS_ACCESS_KEY_ID,
+        LITESTREAM_SECRET_ACCESS_KEY: s3.env().AWS_SECRET_ACCESS_KEY,
       },
       clearEnv: true,
       stdout: "piped",
@@ -124,7 +130,7 @@ export async function startBackupFixture(
       // Litestream uploads the snapshot, then the first WAL segment a moment later.
       const keys = await s3.keys(`${FIXTURE_REPLICA_PATH}/`);
       return ["/snapshots/", "/wal/"].every((part) => keys.some((k) => k.includes(part)));
-    }, { timeoutMs: 60_000, intervalMs: 200 });
+    }, { timeoutMs: opts.snapshotTimeoutMs ?? 60_000, intervalMs: 200 });
     const env = (extra: Record<string, string> = {}) => ({
       PATH: TEST_PATH,
       HOME: Deno.env.get("HOME") ?? dir,

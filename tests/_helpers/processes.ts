@@ -1,10 +1,14 @@
 /**
- * Boots the real processes end-to-end tests talk to: the denokv stand-in
- * (through `tests/bin/denokv`, exactly as configs call it) and the proxy
- * (`proxy/main.ts`), each on a free loopback port, with their output captured.
+ * Boots the real processes end-to-end tests talk to: the official denokv (the
+ * pinned release `scripts/dev/install.ts` builds; the stand-in in `tests/bin`
+ * only when `KV_SERVER=standin`) and the proxy (`proxy/main.ts`), each on a
+ * free loopback port, with their output captured.
  */
 import { fileURLToPath } from "node:url";
 import { join } from "node:path";
+import { existsSync, readFileSync } from "node:fs";
+import { cacheDir, pinsFrom, toolPaths } from "../../scripts/dev/tools.ts";
+import { startTap, type Tap } from "./tap.ts";
 
 /** The repository root. */
 export const ROOT: string = fileURLToPath(new URL("../..", import.meta.url));
@@ -12,9 +16,28 @@ export const ROOT: string = fileURLToPath(new URL("../..", import.meta.url));
 export const DENO: string = Deno.execPath();
 /** A token long enough for denokv. */
 export const TEST_TOKEN = "test-token-0123456789";
-/** PATH with the stand-ins and node_modules/.bin first, as tests run configs. */
+/** The pinned tool versions and where they are installed on this machine. */
+export const TOOLS = toolPaths(
+  pinsFrom(readFileSync(join(ROOT, "Dockerfile"), "utf8")),
+  cacheDir(),
+);
+/** Which denokv the tests run: `official` (default) or `standin` (`KV_SERVER=standin`). */
+export const KV_SERVER: "official" | "standin" = Deno.env.get("KV_SERVER") === "standin"
+  ? "standin"
+  : "official";
+/** The denokv binary tests start. */
+export const DENOKV_BIN = KV_SERVER === "standin"
+  ? join(ROOT, "tests/bin/denokv")
+  : join(TOOLS.denokvBinDir, "denokv");
+if (!existsSync(DENOKV_BIN)) {
+  throw new Error(
+    `${DENOKV_BIN} is missing: run "deno task setup" (cargo install of the pinned denokv)`,
+  );
+}
+/** PATH with the denokv in use, Supercronic and node_modules/.bin first, as tests run configs. */
 export const TEST_PATH = [
-  join(ROOT, "tests/bin"),
+  KV_SERVER === "standin" ? join(ROOT, "tests/bin") : TOOLS.denokvBinDir,
+  TOOLS.supercronicBinDir,
   join(ROOT, "node_modules/.bin"),
   Deno.env.get("PATH") ?? "",
 ].join(":");
@@ -99,7 +122,7 @@ async function answers(url: string): Promise<boolean> {
   }
 }
 
-/** Options for {@linkcode startStandin}. */
+/** Options for {@linkcode startDenokv}. */
 export interface StandinStart {
   sqlitePath: string;
   token?: string;
@@ -107,10 +130,10 @@ export interface StandinStart {
   env?: Record<string, string>;
 }
 
-/** Starts `denokv --sqlite-path P serve --addr 127.0.0.1:PORT` from tests/bin and waits for it. */
-export async function startStandin(opts: StandinStart): Promise<Running> {
+/** Starts `denokv --sqlite-path P serve --addr 127.0.0.1:PORT` ({@linkcode DENOKV_BIN}) and waits. */
+export async function startDenokv(opts: StandinStart): Promise<Running> {
   const port = opts.port ?? freePort();
-  const child = new Deno.Command("denokv", {
+  const child = new Deno.Command(DENOKV_BIN, {
     args: ["--sqlite-path", opts.sqlitePath, "serve", "--addr", `127.0.0.1:${port}`],
     env: {
       PATH: TEST_PATH,
@@ -122,9 +145,12 @@ export async function startStandin(opts: StandinStart): Promise<Running> {
     stderr: "piped",
   }).spawn();
   const running = new Running("denokv", child, port);
-  await running.untilServing("the denokv stand-in to listen", () => answers(running.url));
+  await running.untilServing(`${KV_SERVER} denokv to listen`, () => answers(running.url));
   return running;
 }
+
+/** The former name of {@linkcode startDenokv}, kept for tests written before the switch. */
+export const startStandin = startDenokv;
 
 /** Options for {@linkcode startProxy}. */
 export interface ProxyStart {
@@ -172,31 +198,36 @@ export async function startProxy(opts: ProxyStart): Promise<Running> {
   return running;
 }
 
-/** A stand-in plus a proxy in front of it, in a fresh temp dir. */
+/** A denokv plus a proxy in front of it, in a fresh temp dir. */
 export interface Stack {
   dir: string;
   denokv: Running;
   proxy: Running;
+  /** With `tap: true`: what passed between the proxy and denokv. */
+  tap?: Tap;
   [Symbol.asyncDispose](): Promise<void>;
 }
 
-/** Boots a stand-in and a proxy over a fresh database. */
+/** Boots denokv and a proxy over a fresh database. */
 export async function startStack(
   opts: {
     token?: string;
     libDir?: string;
     proxyEnv?: Record<string, string>;
-    standinEnv?: Record<string, string>;
+    denokvEnv?: Record<string, string>;
+    /** Put a {@linkcode Tap} between the proxy and denokv. */
+    tap?: boolean;
   } = {},
 ): Promise<Stack> {
   const dir = await Deno.makeTempDir({ prefix: "denokv-test-" });
-  const denokv = await startStandin({
+  const denokv = await startDenokv({
     sqlitePath: join(dir, "denokv.sqlite"),
     token: opts.token,
-    env: opts.standinEnv,
+    env: opts.denokvEnv,
   });
+  const tap = opts.tap ? startTap(denokv.url) : undefined;
   const proxy = await startProxy({
-    denokvUrl: denokv.url,
+    denokvUrl: tap?.url ?? denokv.url,
     token: opts.token,
     libDir: opts.libDir,
     dataDir: dir,
@@ -206,8 +237,10 @@ export async function startStack(
     dir,
     denokv,
     proxy,
+    tap,
     async [Symbol.asyncDispose]() {
       await proxy.stop("SIGKILL");
+      await tap?.[Symbol.asyncDispose]();
       await denokv.stop("SIGKILL");
       await Deno.remove(dir, { recursive: true }).catch(() => {});
     },

@@ -82,6 +82,8 @@ export async function startFauxS3(bucket = "denokv-test"): Promise<FauxS3> {
         AWS_ACCESS_KEY_ID: S3_CREDENTIALS.accessKeyId,
         AWS_SECRET_ACCESS_KEY: S3_CREDENTIALS.secretAccessKey,
         REPLICA_PATH: replicaPath,
+        // fauxqs serves buckets under its address only: no virtual-hosted names on 127.0.0.1.
+        S3_ADDRESSING_STYLE: "path",
       };
     },
     async [Symbol.asyncDispose]() {

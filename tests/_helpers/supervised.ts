@@ -1,14 +1,25 @@
 /**
  * Boots the whole container stack the way the image does: the real supervisord
  * on the repository's supervisord.conf, with Litestream (npm's binary), the
- * official denokv and Supercronic first on PATH when installed, and fauxqs as
- * S3. Shared by the stack tests and the fault matrix, with /proc helpers to
- * find, signal and measure the stack's processes.
+ * pinned denokv and Supercronic first on PATH, and fauxqs as S3. Shared by the
+ * stack tests, the fault matrix and the restore, metrics and console tests,
+ * with /proc helpers to find, signal and measure the stack's processes.
  */
 import assert from "node:assert/strict";
 import { existsSync } from "node:fs";
-import { join } from "node:path";
-import { DENO, freePort, ROOT, Running, TEST_PATH, TEST_TOKEN, waitFor } from "./processes.ts";
+import { dirname, join } from "node:path";
+import {
+  DENO,
+  DENOKV_BIN,
+  freePort,
+  KV_SERVER,
+  ROOT,
+  Running,
+  TEST_PATH,
+  TEST_TOKEN,
+  TOOLS,
+  waitFor,
+} from "./processes.ts";
 import type { FauxS3 } from "./s3.ts";
 
 /**
@@ -16,20 +27,16 @@ import type { FauxS3 } from "./s3.ts";
  * the binary it wraps sits next to it and is what the image runs.
  */
 export const LITESTREAM_DIR: string = join(ROOT, "node_modules/@flydotio/litestream-linux-x64");
-const CACHE = join(Deno.env.get("HOME") ?? "/root", ".cache/denokv-on-fly");
-/** The official denokv's folder (first on PATH when built), else null: the stand-in runs. */
-export const DENOKV_DIR: string | null = existsSync(join(CACHE, "denokv-0.14.0/bin/denokv"))
-  ? join(CACHE, "denokv-0.14.0/bin")
-  : null;
-/** Supercronic's folder, when installed. */
+/** The official denokv's folder, or null when the tests run the stand-in (`KV_SERVER=standin`). */
+export const DENOKV_DIR: string | null = KV_SERVER === "official" ? dirname(DENOKV_BIN) : null;
+/** Supercronic's folder, when installed (`deno task setup`). */
 export const SUPERCRONIC_DIR: string | null = existsSync(
-    join(CACHE, "supercronic-v0.2.48/supercronic"),
+    join(TOOLS.supercronicBinDir, "supercronic"),
   )
-  ? join(CACHE, "supercronic-v0.2.48")
+  ? TOOLS.supercronicBinDir
   : null;
-/** PATH for a stack: the real parts first, then the stand-ins of TEST_PATH. */
-export const STACK_PATH: string = [DENOKV_DIR, SUPERCRONIC_DIR, LITESTREAM_DIR, TEST_PATH]
-  .filter((p) => p !== null).join(":");
+/** PATH for a stack: Litestream's binary, then TEST_PATH (the denokv in use, Supercronic). */
+export const STACK_PATH: string = `${LITESTREAM_DIR}:${TEST_PATH}`;
 /** A stack boots in seconds; the machine is shared, so this is generous. */
 export const BOOT_TIMEOUT_MS = 90_000;
 
@@ -37,6 +44,8 @@ export const BOOT_TIMEOUT_MS = 90_000;
 export interface Stack {
   supervisord: Running;
   dataDir: string;
+  dbPath: string;
+  denokvUrl: string;
   port: number;
   denokvPort: number;
   litestreamPort: number;
@@ -76,6 +85,7 @@ export async function startSupervisord(
     DENO_DIR: Deno.env.get("DENO_DIR") ?? join(Deno.env.get("HOME") ?? "/tmp", ".cache/deno"),
     APP_DIR: ROOT.replace(/\/$/, ""),
     DATA_DIR: dataDir,
+    DB_PATH: join(dataDir, "denokv.sqlite"),
     PORT: String(port),
     HOSTNAME_BIND: "127.0.0.1",
     DENOKV_URL: `http://127.0.0.1:${denokvPort}`,
@@ -99,6 +109,8 @@ export async function startSupervisord(
   return {
     supervisord,
     dataDir,
+    dbPath: env.DB_PATH,
+    denokvUrl: env.DENOKV_URL,
     port,
     denokvPort,
     litestreamPort,
@@ -106,6 +118,48 @@ export async function startSupervisord(
     url: supervisord.url,
     env,
   };
+}
+
+/** A stack that stops itself at the end of a `using` block and runs tasks "on the machine". */
+export interface SupervisedStack extends Stack {
+  /** Runs `deno task <name> ...args` from the repository root with the stack's environment. */
+  task(name: string, args: string[]): Promise<{ code: number; stdout: string; stderr: string }>;
+  [Symbol.asyncDispose](): Promise<void>;
+}
+
+/** Boots a stack over `dataDir` replicating to `replicaPath` in `s3`; waits for /healthz 200. */
+export async function startSupervised(
+  s3: FauxS3,
+  opts: { dataDir: string; replicaPath: string; env?: Record<string, string> },
+): Promise<SupervisedStack> {
+  const base = await startSupervisord(opts.dataDir, s3.env(opts.replicaPath), { env: opts.env });
+  const stack: SupervisedStack = {
+    ...base,
+    async task(name, args) {
+      const out = await new Deno.Command(DENO, {
+        args: ["task", "-q", name, ...args],
+        cwd: ROOT,
+        env: base.env,
+        clearEnv: true,
+        stdout: "piped",
+        stderr: "piped",
+      }).output();
+      const decoder = new TextDecoder();
+      return {
+        code: out.code,
+        stdout: decoder.decode(out.stdout),
+        stderr: decoder.decode(out.stderr),
+      };
+    },
+    [Symbol.asyncDispose]: () => cleanup(base),
+  };
+  try {
+    await waitHealthy(stack);
+  } catch (err) {
+    await cleanup(stack);
+    throw err;
+  }
+  return stack;
 }
 
 /** `/healthz`'s status, or 0 when the proxy does not answer. */

@@ -1,6 +1,6 @@
 /**
- * `deno task bench:copy`: entries per second of `scripts/kv_copy.ts` for
- * 100,000 small entries remote -> remote, each side a stand-in behind its proxy.
+ * `deno task bench:copy`: entries per second of `scripts/transfer/kv_copy.ts` for
+ * 100,000 small entries remote -> remote, each side the official denokv behind its proxy.
  * `COPY_BENCH_ENTRIES` changes the count, `COPY_BENCH_RUNS` the repetitions (median shown).
  */
 import { join } from "node:path";
@@ -63,7 +63,7 @@ async function copyOnce(from: string, to: string, checkpoint: string): Promise<C
       "run",
       "-A",
       "--unstable-kv",
-      join(ROOT, "scripts/kv_copy.ts"),
+      join(ROOT, "scripts/transfer/kv_copy.ts"),
       "--from",
       from,
       "--to",

@@ -1,6 +1,6 @@
 /**
  * Proxy overhead benchmark: the same KV Connect workload with the real Deno
- * client straight to denokv (the stand-in), through our proxy, and through a
+ * client straight to denokv (the official binary, or the stand-in under KV_SERVER=standin), through our proxy, and through a
  * plain Hono `proxy()` forwarder (tests/bench/plain_proxy.ts), all in one run.
  * Prints sets/s and gets/s, p50/p99 latency at 1 and 50 requests in flight,
  * and CPU time per request of each forwarder next to the server's (from
@@ -15,6 +15,7 @@ import { parseArgs } from "node:util";
 import {
   DENO,
   freePort,
+  KV_SERVER,
   openRemoteKv,
   ROOT,
   Running,
@@ -212,6 +213,6 @@ if (import.meta.main) {
     perRound: Number(args.values["per-round"]),
     single: Number(args.values.single),
   };
-  console.log("## Proxy overhead (direct to denokv stand-in, our proxy, Hono proxy())\n");
+  console.log(`## Proxy overhead (direct to ${KV_SERVER} denokv, our proxy, Hono proxy())\n`);
   console.log(await proxyBench(options));
 }

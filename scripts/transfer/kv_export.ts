@@ -1,7 +1,7 @@
 /**
  * `deno task kv-export [--prefix k1,k2] <url|path> > dump.ndjson`: writes every
  * entry as one JSON line `{"key":[...],"value":...}` in key order (the format
- * is described in scripts/kv_transfer.ts, `encodeValue`).
+ * is described in scripts/transfer/kv_transfer.ts, `encodeValue`).
  */
 import { parseArgs } from "node:util";
 import { createHash } from "node:crypto";

@@ -7,6 +7,7 @@
  */
 import { fileURLToPath } from "node:url";
 import { join } from "node:path";
+import { cacheDir, isFile, loadPins, toolPaths } from "./tools.ts";
 
 /** The local stack's settings, from the environment with embedded defaults. */
 export interface DevConfig {
@@ -22,7 +23,7 @@ export interface DevConfig {
 
 /** Reads the environment once; generates a token (kept in `.data/token`) when none is set. */
 export async function loadConfig(env: Record<string, string | undefined>): Promise<DevConfig> {
-  const root = fileURLToPath(new URL("..", import.meta.url));
+  const root = fileURLToPath(new URL("../..", import.meta.url));
   const dataDir = env.DATA_DIR ?? join(root, ".data");
   await Deno.mkdir(dataDir, { recursive: true });
   let token = env.DENO_KV_ACCESS_TOKEN ?? "";
@@ -112,7 +113,15 @@ function litestreamBinDir(root: string): string {
 
 if (import.meta.main) {
   const config = await loadConfig(Deno.env.toObject());
-  const basePath = Deno.env.get("PATH") ?? "";
+  // The pinned binaries `deno task setup` built come first, then the caller's PATH.
+  const tools = toolPaths(await loadPins(config.root), cacheDir());
+  const cached = [
+    ...(await isFile(join(tools.denokvBinDir, "denokv")) ? [tools.denokvBinDir] : []),
+    ...(await isFile(join(tools.supercronicBinDir, "supercronic"))
+      ? [tools.supercronicBinDir]
+      : []),
+  ];
+  const basePath = [...cached, Deno.env.get("PATH") ?? ""].join(":");
   const realDenokv = await onPath("denokv", basePath);
   const supercronic = await onPath("supercronic", basePath);
   const path = [
@@ -130,7 +139,6 @@ if (import.meta.main) {
     DATA_DIR: config.dataDir,
     PORT: String(config.port),
     DENOKV_URL: `http://127.0.0.1:${config.denokvPort}`,
-    SUPERCRONIC_AUTOSTART: String(supercronic),
   };
   if (config.localReplicaDir) env.LOCAL_REPLICA_DIR = config.localReplicaDir;
   const conf = await Deno.readTextFile(join(config.root, "supervisord.conf"));
@@ -147,7 +155,9 @@ if (import.meta.main) {
     }).spawn(),
   }));
   console.log(`
-denokv on Fly, local stack (${realDenokv ? "denokv from PATH" : "denokv stand-in"})
+denokv on Fly, local stack (${
+    realDenokv ? "official denokv" : "denokv stand-in: no denokv installed"
+  })
   programs: ${programs.map((p) => p.name).join(", ")} (from supervisord.conf${
     supercronic ? "" : "; supercronic not on PATH, nightly check not scheduled"
   })
