@@ -195,7 +195,8 @@ async function restartPair(config: WatchdogConfig, log: (line: string) => void):
  */
 async function stopMachine(config: WatchdogConfig, failed: string, log: (line: string) => void) {
   log(`watchdog: ${failed} entered FATAL: stopping the other programs, then supervisord`);
-  await supervisorctl(config, "stop", "supercronic", "proxy", PAIR_PROGRAM);
+  // The lease last: it stays renewed while Litestream makes its final sync.
+  await supervisorctl(config, "stop", "supercronic", "proxy", PAIR_PROGRAM, "lease");
   log("watchdog: programs stopped; ending supervisord with a failure status");
   try {
     Deno.kill(Deno.ppid, "SIGKILL");
