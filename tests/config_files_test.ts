@@ -149,7 +149,7 @@ Deno.test("supervisord.conf: every path and command resolves in the image layout
     }
   }
   const progs = programSections(expanded);
-  assert.deepEqual([...progs.keys()].sort(), ["denokv", "lease", "proxy", "supercronic"]);
+  assert.deepEqual([...progs.keys()].sort(), ["denokv", "proxy", "supercronic"]);
   const imageBinsWithScripts = (cmd: string) => {
     const first = cmd.split(/\s+/)[0];
     if (first.startsWith("/")) {

@@ -282,6 +282,15 @@ Deno.test({
         () => /is held by machine-a/.test(b!.supervisord.output),
         { timeoutMs: BOOT_TIMEOUT_MS },
       );
+      // The start-up step may say so before machine-b's proxy listens (a slow boot on a busy
+      // machine): wait for the proxy to answer at all first.
+      await waitFor(
+        "machine-b's proxy to answer",
+        async () => (await status(`${b!.url}/healthz`)) > 0,
+        {
+          timeoutMs: BOOT_TIMEOUT_MS,
+        },
+      );
       // Several renew periods later it still waits: no denokv, /healthz 503; machine-a serves.
       const until = Date.now() + 3 * RENEW_MS;
       while (Date.now() < until) {

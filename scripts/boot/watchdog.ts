@@ -3,7 +3,9 @@
  * Litestream + denokv pair when it stops answering (a hung process that
  * supervisord sees as running), and takes the machine down when any program
  * goes FATAL, so Fly's restart policy brings it back whole instead of a
- * half-alive machine serving without replication.
+ * half-alive machine serving without replication. Beside that, the same
+ * process renews the replica lease (scripts/boot/lease_cli.ts keepLease):
+ * one Deno process instead of two saves about 40 MiB on the VM.
  *
  * Protocol (supervisord's docs, "Event Listeners"): "READY\n" on stdout, a
  * header line and a payload on stdin, "RESULT 2\nOK" on stdout. Logs go to
@@ -11,6 +13,8 @@
  */
 import { join } from "node:path";
 import { litestreamAddr } from "./litestream_addr.ts";
+import { loadLeaseConfig, ReplicaLease } from "./lease.ts";
+import { keepLease } from "./lease_cli.ts";
 
 /** The pair's program in supervisord.conf. */
 export const PAIR_PROGRAM = "denokv";
@@ -195,14 +199,30 @@ async function restartPair(config: WatchdogConfig, log: (line: string) => void):
  */
 async function stopMachine(config: WatchdogConfig, failed: string, log: (line: string) => void) {
   log(`watchdog: ${failed} entered FATAL: stopping the other programs, then supervisord`);
-  // The lease last: it stays renewed while Litestream makes its final sync.
-  await supervisorctl(config, "stop", "supercronic", "proxy", PAIR_PROGRAM, "lease");
+  await supervisorctl(config, "stop", "supercronic", "proxy", PAIR_PROGRAM);
   log("watchdog: programs stopped; ending supervisord with a failure status");
   try {
     Deno.kill(Deno.ppid, "SIGKILL");
   } finally {
     Deno.exit(1);
   }
+}
+
+/**
+ * Renews the replica lease the start-up step claimed, alongside the event
+ * loop (timers and S3 requests never block the protocol on stdin/stdout);
+ * when it is lost, stops the pair through supervisorctl, and the start-up
+ * step then waits for the lease again. Without a bucket there is none.
+ */
+function holdReplicaLease(config: WatchdogConfig, log: (line: string) => void): void {
+  const leaseConfig = loadLeaseConfig(Deno.env.toObject());
+  if (!leaseConfig) return;
+  const stop = ["supervisorctl", "-c", config.supervisorConf, "signal", "TERM", PAIR_PROGRAM];
+  keepLease(new ReplicaLease(leaseConfig), stop, (line) => log(`lease: ${line}`)).catch((err) => {
+    // supervisord restarts the watchdog, which picks the lease up again.
+    log(`lease: ${err instanceof Error ? err.message : err}; restarting the watchdog`);
+    Deno.exit(1);
+  });
 }
 
 async function main(): Promise<void> {
@@ -231,6 +251,7 @@ async function main(): Promise<void> {
   };
   let probing = false;
   log(`watchdog: watching ${PAIR_PROGRAM} (${config.denokvUrl}, ${config.litestreamUrl})`);
+  holdReplicaLease(config, log);
   const debug = Deno.env.get("WATCHDOG_DEBUG") === "1";
   for (;;) {
     write("READY\n");
