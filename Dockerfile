@@ -57,7 +57,6 @@ ENV APP_DIR=/app \
     DENOKV_URL=http://127.0.0.1:4513 \
     PORT=4512 \
     REPLICA_PATH=denokv \
-    SUPERCRONIC_AUTOSTART=true \
     DENO_NO_UPDATE_CHECK=1
 
 WORKDIR /app

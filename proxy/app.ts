@@ -11,7 +11,10 @@ import { bodyLimit } from "hono/body-limit";
 import { etag } from "hono/etag";
 import { HTTPException } from "hono/http-exception";
 import { serveStatic } from "hono/serve-static";
+import { statfsSync } from "node:fs";
 import { isAbsolute, join, sep } from "node:path";
+import { requireToken } from "./auth.ts";
+import { BodyTimeout, readBodyWithin } from "./body.ts";
 import {
   connectionTokens,
   HOP_BY_HOP,
@@ -30,9 +33,26 @@ export const DEFAULT_UPSTREAM_TIMEOUT_MS = 10_000;
  * How long a write may take before the proxy gives up. A write that was sent
  * may still be applied, and the Deno client repeats anything answered 5xx,
  * so this one is answered 408: the client reports an error instead of
- * sending the write again.
+ * sending the write again. Well under Fly's 60 s idle timeout, which would
+ * otherwise reset the client first (and the client re-sends on a reset).
  */
-export const DEFAULT_UPSTREAM_WRITE_TIMEOUT_MS = 60_000;
+export const DEFAULT_UPSTREAM_WRITE_TIMEOUT_MS = 20_000;
+/**
+ * How long a request body may take to arrive once its headers are in. A
+ * client that trickles its body would otherwise hold a connection (and the
+ * bytes so far) for as long as it likes.
+ */
+export const DEFAULT_BODY_TIMEOUT_MS = 15_000;
+/**
+ * Below this much free space on the database's volume writes are refused
+ * before they reach denokv: SQLite and Litestream's shadow WAL both need
+ * room, and a write refused here is known not to be applied.
+ */
+export const DEFAULT_MIN_FREE_BYTES = 16 * 1024 * 1024;
+/** Status for a write sent to denokv whose answer never came: its fate is unknown. */
+export const WRITE_OUTCOME_UNKNOWN = 409;
+/** Status for a write refused because the volume is full (known not applied). */
+export const VOLUME_FULL = 409;
 /** How long `/healthz` waits for denokv. */
 export const DEFAULT_HEALTH_TIMEOUT_MS = 2_000;
 
@@ -57,6 +77,17 @@ export interface ProxyOptions {
   upstreamWriteTimeoutMs?: number;
   /** Time allowed for the `/healthz` probe. */
   healthTimeoutMs?: number;
+  /** Time allowed for a request body to arrive once the headers are in. */
+  bodyTimeoutMs?: number;
+  /**
+   * Litestream's metrics URL (`addr` in litestream.yml): `/healthz` is 503
+   * while it does not answer, since writes would not be replicated.
+   */
+  litestreamUrl?: string;
+  /** The database's folder: `/healthz` and writes check its free space. */
+  dataDir?: string;
+  /** Writes are refused below this many free bytes in `dataDir`. */
+  minFreeBytes?: number;
   /** Receives one access-log line per request; default: none. */
   log?: (line: string) => void;
   /** The fetch used for the watch stream and `/healthz` (tests swap it). */
@@ -106,7 +137,18 @@ export function createApp(options: ProxyOptions): Hono {
     options.healthTimeoutMs,
     DEFAULT_HEALTH_TIMEOUT_MS,
   );
+  const bodyTimeoutMs = positiveInteger(
+    "bodyTimeoutMs",
+    options.bodyTimeoutMs,
+    DEFAULT_BODY_TIMEOUT_MS,
+  );
+  const minFreeBytes = positiveInteger(
+    "minFreeBytes",
+    options.minFreeBytes,
+    DEFAULT_MIN_FREE_BYTES,
+  );
   const upstreamOrigin = upstream.origin;
+  const volume = options.dataDir ? freeSpace(options.dataDir, minFreeBytes) : null;
   const doFetch = options.fetch ?? fetch;
   const log = options.log;
 
@@ -143,18 +185,33 @@ export function createApp(options: ProxyOptions): Hono {
     {
       readMs: upstreamTimeoutMs,
       writeMs: upstreamWriteTimeoutMs,
+      bodyMs: bodyTimeoutMs,
     },
     lean,
+    volume,
     options.onUpstreamError,
   );
   // KV Connect is POST only; anything else on these paths is "not found".
-  app.post("/", limit, forward);
-  app.post("/v2/*", limit, forward);
+  // The token is checked first, from the headers alone: nobody without it
+  // makes the proxy read a body.
+  const auth = requireToken({ token: options.accessToken });
+  app.post("/", auth, limit, forward);
+  app.post("/v2/*", auth, limit, forward);
 
   app.get("/healthz", async (c) => {
-    const problem = await probe(upstreamOrigin, options.accessToken, doFetch, healthTimeoutMs);
     c.header("cache-control", "no-store");
-    return problem === null ? c.text("ok\n") : c.text(`denokv unavailable: ${problem}\n`, 503);
+    const [denokv, litestream] = await Promise.all([
+      probe(upstreamOrigin, options.accessToken, doFetch, healthTimeoutMs),
+      options.litestreamUrl
+        ? probeReplication(options.litestreamUrl, doFetch, healthTimeoutMs)
+        : null,
+    ]);
+    const problems = [
+      denokv && `denokv unavailable: ${denokv}`,
+      litestream && `replication not running: ${litestream}`,
+      volume?.full() && volume.describe(),
+    ].filter(Boolean);
+    return problems.length === 0 ? c.text("ok\n") : c.text(problems.join("\n") + "\n", 503);
   });
 
   app.get("/", (c) => c.html(infoPage(new URL(c.req.url))));
@@ -205,14 +262,45 @@ function limitBody(
   };
 }
 
-/** One line per request: method, path (never the query or headers), status, milliseconds. */
+/**
+ * One line per request: method, path as sent (never the query), status,
+ * milliseconds and the user agent when there is one. The path is the raw one, not Hono's decoded
+ * `c.req.path` (a `%0A` there would start a forged line), and both it and
+ * the user agent go through {@linkcode escapeLogText}.
+ */
 function accessLog(log: (line: string) => void): MiddlewareHandler {
   return async (c, next) => {
     const start = performance.now();
     await next();
     const ms = (performance.now() - start).toFixed(1);
-    log(`${c.req.method} ${c.req.path} ${c.res.status} ${ms}ms`);
+    const url = c.req.url;
+    const target = url.slice(url.indexOf("/", url.indexOf("//") + 2));
+    const query = target.indexOf("?");
+    const path = query < 0 ? target : target.slice(0, query);
+    const agent = c.req.header("user-agent");
+    log(
+      `${escapeLogText(c.req.method)} ${escapeLogText(path)} ${c.res.status} ${ms}ms` +
+        (agent ? ` "${escapeLogText(agent)}"` : ""),
+    );
   };
+}
+
+/**
+ * Makes text from a request safe for a one-line log: control characters,
+ * DEL, non-ASCII, quotes and backslashes become `\t`, `\n`, `\r` or `\xNN`.
+ */
+export function escapeLogText(text: string): string {
+  // deno-lint-ignore no-control-regex -- matching control characters is the point
+  return text.replace(/[\x00-\x1f\x7f-\uffff"\\]/g, (ch) => {
+    if (ch === "\t") return "\\t";
+    if (ch === "\n") return "\\n";
+    if (ch === "\r") return "\\r";
+    if (ch === '"' || ch === "\\") return "\\" + ch;
+    const code = ch.charCodeAt(0);
+    return code < 0x100
+      ? `\\x${code.toString(16).padStart(2, "0")}`
+      : `\\u${code.toString(16).padStart(4, "0")}`;
+  });
 }
 
 /**
@@ -224,12 +312,20 @@ function accessLog(log: (line: string) => void): MiddlewareHandler {
 function forwarder(
   origin: string,
   doFetch: typeof fetch,
-  timeouts: { readMs: number; writeMs: number },
+  timeouts: { readMs: number; writeMs: number; bodyMs: number },
   upstream: Upstream | null,
+  volume: FreeSpace | null,
   onUpstreamError: (path: string, timedOut: boolean) => void = () => {},
 ): (c: Context) => Promise<Response> {
   const unreachable = (c: Context, reason: string) =>
     c.text(`denokv is unreachable, try again: ${reason}`, 503, { "retry-after": "1" });
+  // The Deno client sends any 5xx again, so a write whose fate is unknown
+  // gets a 4xx: the application sees an error and can read before retrying.
+  const unknownOutcome = (c: Context, what: string) =>
+    c.text(
+      `${what}: the write may or may not have been applied; read before writing again.`,
+      WRITE_OUTCOME_UNKNOWN,
+    );
   return async (c) => {
     const req = c.req.raw;
     // The target goes upstream as the client sent it, never percent-decoded
@@ -239,13 +335,28 @@ function forwarder(
     // Every decision below goes by that same raw path, without the query.
     const query = target.indexOf("?");
     const path = query < 0 ? target : target.slice(0, query);
-    // The body is read whole (bodyLimit caps it): one write upstream costs far
-    // less than a stream, and the timers below start once it is here.
-    const body = new Uint8Array(await req.arrayBuffer());
+    const write = path === "/v2/atomic_write";
+    if (write && volume?.full()) {
+      return c.text(`Write refused, not applied: ${volume.describe()}.`, VOLUME_FULL);
+    }
+    // The body is read whole (bodyLimit caps it, the deadline bounds the
+    // wait): one write upstream costs far less than a stream.
+    let body: Uint8Array<ArrayBuffer>;
+    try {
+      body = await readBodyWithin(req, timeouts.bodyMs);
+    } catch (err) {
+      if (!(err instanceof BodyTimeout)) throw err;
+      // Deno's server keeps the connection until the body is in or the
+      // client leaves (see closing.ts); the answer at least comes in time.
+      return c.text(
+        `Request body not received within ${timeouts.bodyMs} ms; nothing was sent to denokv.`,
+        408,
+        { connection: "close" },
+      );
+    }
     if (upstream !== null && path !== "/v2/watch") {
       // A read or write takes milliseconds and cannot be undone once sent,
       // so a client going away is not passed on; the timeouts bound it.
-      const write = path === "/v2/atomic_write";
       let res: UpstreamResponse;
       try {
         res = await upstream.send({
@@ -260,14 +371,21 @@ function forwarder(
       } catch (err) {
         if (err instanceof UnsendableRequest) return c.text(`Bad request: ${err.message}`, 400);
         onUpstreamError(path, err instanceof UpstreamError && err.timedOut);
-        if (write && err instanceof UpstreamError && err.sent && err.timedOut) {
-          return c.text(
-            `denokv did not answer this write within ${timeouts.writeMs} ms: ` +
-              `it may or may not have been applied; read before writing again.`,
-            408,
-          );
+        if (write && err instanceof UpstreamError && err.sent) {
+          return err.timedOut
+            ? c.text(
+              `denokv did not answer this write within ${timeouts.writeMs} ms: ` +
+                `it may or may not have been applied; read before writing again.`,
+              408,
+            )
+            : unknownOutcome(c, `denokv's answer to this write was lost (${err.message})`);
         }
         return unreachable(c, err instanceof Error ? err.message : String(err));
+      }
+      // A write denokv failed while the volume filled up was rolled back;
+      // a 5xx would make the client repeat it for as long as the disk is full.
+      if (write && res.status >= 500 && volume?.full(true)) {
+        return c.text(`Write refused, not applied: ${volume.describe()}.`, VOLUME_FULL);
       }
       return new Response(NULL_BODY.has(res.status) ? null : res.body, {
         status: res.status,
@@ -298,6 +416,9 @@ function forwarder(
     } catch (err) {
       req.signal.removeEventListener("abort", onAbort);
       if (!req.signal.aborted) onUpstreamError(path, controller.signal.aborted);
+      if (write && !req.signal.aborted) {
+        return unknownOutcome(c, `no answer from denokv to this write (${err})`);
+      }
       const reason = controller.signal.aborted && !req.signal.aborted
         ? String(controller.signal.reason?.message ?? controller.signal.reason)
         : err instanceof Error
@@ -321,6 +442,53 @@ function withoutHopByHop(headers: Headers): Headers {
     out.delete(name);
   }
   return out;
+}
+
+/** Free space on the database's volume, re-read at most once a second. */
+interface FreeSpace {
+  /** True when below the minimum; `fresh` re-reads now. */
+  full(fresh?: boolean): boolean;
+  /** "the data volume is full: N bytes free at PATH (writes need M)". */
+  describe(): string;
+}
+
+function freeSpace(dir: string, minFreeBytes: number): FreeSpace {
+  let checkedAt = 0;
+  let free = Infinity;
+  const read = () => {
+    try {
+      const s = statfsSync(dir);
+      free = Number(s.bavail) * Number(s.bsize);
+    } catch {
+      free = Infinity; // a folder we cannot stat is not reported as full
+    }
+    checkedAt = Date.now();
+  };
+  return {
+    full(fresh = false) {
+      if (fresh || Date.now() - checkedAt > 1_000) read();
+      return free < minFreeBytes;
+    },
+    describe() {
+      return `the data volume is full: ${free} bytes free in ${dir} (writes need ${minFreeBytes}); ` +
+        `free space or extend the volume (fly volumes extend)`;
+    },
+  };
+}
+
+/** `null` when Litestream's metrics endpoint answered, otherwise the reason. */
+async function probeReplication(
+  url: string,
+  doFetch: typeof fetch,
+  timeoutMs: number,
+): Promise<string | null> {
+  try {
+    const res = await doFetch(url, { signal: AbortSignal.timeout(timeoutMs) });
+    await res.body?.cancel();
+    return res.ok ? null : `Litestream answered ${res.status}`;
+  } catch (err) {
+    return `Litestream does not answer at ${url}: ${err instanceof Error ? err.message : err}`;
+  }
 }
 
 /** `null` when denokv answered a real metadata exchange, otherwise the reason. */

@@ -4,7 +4,10 @@
  */
 import { fileURLToPath } from "node:url";
 import { isAbsolute, resolve } from "node:path";
+import { litestreamAddr } from "../scripts/boot/litestream_addr.ts";
 import { createApp } from "./app.ts";
+import { validateToken } from "./auth.ts";
+import { quietCuts } from "./closing.ts";
 import { statusRoutes } from "./status.ts";
 import { type MetricsConfig, metricsConfig, ProxyMetrics } from "./metrics.ts";
 import { consoleRoutes, parseQueuePrefixes, queueList } from "./console/mod.tsx";
@@ -20,6 +23,10 @@ export interface ProxyConfig {
   accessLog: boolean;
   upstreamTimeoutMs: number;
   upstreamWriteTimeoutMs: number;
+  bodyTimeoutMs: number;
+  /** Litestream's metrics URL `/healthz` requires to answer, or null (no check). */
+  litestreamUrl: string | null;
+  minFreeBytes: number;
   metrics: MetricsConfig;
   /** Extra queue prefixes the console shows (`QUEUE_PREFIXES`). */
   queuePrefixes: Deno.KvKey[];
@@ -41,12 +48,7 @@ function positiveMs(
 
 /** Reads and validates the proxy's environment (see DESIGN.md's table). */
 export function loadConfig(env: Record<string, string | undefined>): ProxyConfig {
-  const token = env.DENO_KV_ACCESS_TOKEN ?? "";
-  if (token.length < 12) {
-    throw new Error(
-      `DENO_KV_ACCESS_TOKEN must be at least 12 characters: got ${token.length}`,
-    );
-  }
+  const token = validateToken(env.DENO_KV_ACCESS_TOKEN);
   const port = Number(env.PORT ?? "4512");
   if (!Number.isInteger(port) || port < 0 || port > 65535) {
     throw new Error(`PORT must be a port number: got ${env.PORT}`);
@@ -58,7 +60,14 @@ export function loadConfig(env: Record<string, string | undefined>): ProxyConfig
     throw new Error(`DENOKV_URL must be a URL: got ${denokvUrl}`);
   }
   const upstreamTimeoutMs = positiveMs(env, "UPSTREAM_TIMEOUT_MS", 10_000);
-  const upstreamWriteTimeoutMs = positiveMs(env, "UPSTREAM_WRITE_TIMEOUT_MS", 60_000);
+  const upstreamWriteTimeoutMs = positiveMs(env, "UPSTREAM_WRITE_TIMEOUT_MS", 20_000);
+  const bodyTimeoutMs = positiveMs(env, "BODY_TIMEOUT_MS", 15_000);
+  const minFreeBytes = positiveMs(env, "MIN_FREE_BYTES", 16 * 1024 * 1024);
+  // supervisord.conf sets HEALTHZ_REQUIRES_LITESTREAM for the proxy it runs
+  // beside Litestream; a proxy run on its own has no replication to report.
+  const litestreamUrl = env.HEALTHZ_REQUIRES_LITESTREAM === "true"
+    ? `http://${litestreamAddr(env)}/metrics`
+    : null;
   const libDir = env.LIB_DIR ?? fileURLToPath(new URL("../lib", import.meta.url));
   return {
     port,
@@ -71,6 +80,9 @@ export function loadConfig(env: Record<string, string | undefined>): ProxyConfig
     accessLog: env.ACCESS_LOG !== "off",
     upstreamTimeoutMs,
     upstreamWriteTimeoutMs,
+    bodyTimeoutMs,
+    litestreamUrl,
+    minFreeBytes,
     metrics: metricsConfig(env),
     queuePrefixes: parseQueuePrefixes(env.QUEUE_PREFIXES),
     behindFlyEdge: Boolean(env.FLY_APP_NAME),
@@ -131,6 +143,10 @@ export function serveProxy(config: ProxyConfig): Deno.HttpServer {
     accessToken: config.accessToken,
     upstreamTimeoutMs: config.upstreamTimeoutMs,
     upstreamWriteTimeoutMs: config.upstreamWriteTimeoutMs,
+    bodyTimeoutMs: config.bodyTimeoutMs,
+    litestreamUrl: config.litestreamUrl ?? undefined,
+    dataDir: config.dataDir,
+    minFreeBytes: config.minFreeBytes,
     extend: (app) => {
       status(app);
       metrics.routes()(app);
@@ -152,6 +168,10 @@ export function serveProxy(config: ProxyConfig): Deno.HttpServer {
   return Deno.serve({
     port: config.port,
     hostname: config.hostname,
+    onError: quietCuts((err) => {
+      console.error(err);
+      return new Response("Internal Server Error", { status: 500 });
+    }),
     onListen: ({ hostname, port }) =>
       console.log(`proxy listening on http://${hostname}:${port} -> ${config.denokvUrl}`),
   }, app.fetch);

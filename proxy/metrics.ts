@@ -11,10 +11,11 @@ import { Counter, Gauge, Histogram, Registry } from "prom-client";
 import { readLatest } from "../scripts/backup_check/history.ts";
 import type { S3Config } from "../scripts/backup_check/config.ts";
 import { s3AddressingStyle } from "../scripts/boot/s3_addressing.ts";
+import { litestreamAddr } from "../scripts/boot/litestream_addr.ts";
 import { ReplicaWatch } from "./metrics_replica.ts";
 import { litestreamRunning, probeDenokv } from "./metrics_probes.ts";
 import { QueueGauges, type QueueMetricsOptions } from "./metrics_queues.ts";
-import { bearerToken, tokenMatches } from "./console/token.ts";
+import { requireToken } from "./auth.ts";
 
 /** The KV Connect operations, by the path the client posts to. */
 export type Operation = "metadata" | "snapshot_read" | "atomic_write" | "watch";
@@ -67,7 +68,7 @@ export interface MetricsConfig {
   dbPath: string;
   /** The replica, when the S3 variables are set. */
   s3?: S3Config;
-  /** Litestream's metrics address (`LITESTREAM_METRICS_ADDR`), when set. */
+  /** Litestream's metrics address (`LITESTREAM_ADDR`, default 127.0.0.1:4514). */
   litestreamAddr?: string;
 }
 
@@ -103,7 +104,7 @@ export function metricsConfig(env: Record<string, string | undefined>): MetricsC
     hostname: env.METRICS_HOSTNAME || "::",
     dbPath: env.DB_PATH || `${dataDir}/denokv.sqlite`,
     s3,
-    litestreamAddr: env.LITESTREAM_METRICS_ADDR || undefined,
+    litestreamAddr: litestreamAddr(env),
   };
 }
 
@@ -470,12 +471,7 @@ export class ProxyMetrics {
   /** Adds `GET /metrics` behind the token (`Authorization: Bearer <token>`) to the public app. */
   routes(): (app: Hono) => void {
     return (app) => {
-      app.get("/metrics", async (c) => {
-        if (!tokenMatches(bearerToken(c.req.header("authorization")), this.#opts.accessToken)) {
-          return c.text("Unauthorized: send Authorization: Bearer <token>.", 401, {
-            "www-authenticate": 'Bearer realm="metrics"',
-          });
-        }
+      app.get("/metrics", requireToken({ token: this.#opts.accessToken }), async (c) => {
         c.header("cache-control", "no-store");
         c.header("content-type", this.registry.contentType);
         return c.body(await this.metrics());
@@ -494,7 +490,7 @@ export { litestreamRunning };
 /** What {@linkcode ProxyMetrics.health} returns. */
 export interface Health {
   denokvUp: boolean;
-  /** Undefined when `LITESTREAM_METRICS_ADDR` is unset (Litestream serves no metrics). */
+  /** Undefined when no Litestream address was given (not probed). */
   litestreamUp?: boolean;
   replica?: import("./metrics_replica.ts").ReplicaState;
   check?: import("../scripts/backup_check/history.ts").CheckRecord;

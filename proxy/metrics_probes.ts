@@ -24,7 +24,7 @@ export async function probeDenokv(denokvUrl: string, token: string): Promise<boo
 
 /**
  * True when Litestream's own metrics endpoint (litestream.yml `addr:`, from
- * `LITESTREAM_METRICS_ADDR`) answers and replicates `dbPath`. The proxy runs
+ * `LITESTREAM_ADDR`) answers and replicates `dbPath`. The proxy runs
  * without --allow-all, which Deno requires for /proc, so it cannot look for
  * the process itself; a stopped (hung) Litestream does not answer either.
  */

@@ -4,7 +4,7 @@
  * Mounted through `createApp({ extend: statusRoutes(...) })`.
  */
 import type { Hono } from "hono";
-import { bearerAuth } from "hono/bearer-auth";
+import { requireToken } from "./auth.ts";
 import { readLatest } from "../scripts/backup_check/history.ts";
 
 /** Options for {@linkcode statusRoutes}. */
@@ -35,7 +35,7 @@ export function statusRoutes(opts: StatusOptions): (app: Hono) => void {
   }
   const { dataDir, accessToken } = opts;
   return (app) => {
-    app.get("/status", bearerAuth({ token: accessToken }), async (c) => {
+    app.get("/status", requireToken({ token: accessToken }), async (c) => {
       const latest = await readLatest(dataDir);
       if (!latest) {
         return c.json({ error: "no backup check has run yet", backupCheck: null }, 404);

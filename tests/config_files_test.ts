@@ -149,7 +149,7 @@ Deno.test("supervisord.conf: every path and command resolves in the image layout
     }
   }
   const progs = programSections(expanded);
-  assert.deepEqual([...progs.keys()].sort(), ["denokv", "lease", "proxy", "supercronic"]);
+  assert.deepEqual([...progs.keys()].sort(), ["denokv", "proxy", "supercronic"]);
   const imageBinsWithScripts = (cmd: string) => {
     const first = cmd.split(/\s+/)[0];
     if (first.startsWith("/")) {
@@ -188,6 +188,86 @@ Deno.test("supervisord.conf and fly.toml: the final sync has time to finish", ()
   for (const name of ["DENO_KV_ACCESS_TOKEN", "AWS_SECRET_ACCESS_KEY"]) {
     assert.ok(!new RegExp(`^\\s*${name}\\s*=`, "m").test(flyToml), `${name} belongs in secrets`);
   }
+});
+
+/** Every section of an INI file (supervisord.conf) with its `key=value` settings. */
+function iniSections(text: string): Map<string, Record<string, string>> {
+  const sections = new Map<string, Record<string, string>>();
+  let current: Record<string, string> = {};
+  for (const line of text.split("\n")) {
+    const header = /^\[([^\]]+)\]/.exec(line);
+    if (header) {
+      current = {};
+      sections.set(header[1], current);
+      continue;
+    }
+    const kv = /^(\w+)\s*=\s*(.*)$/.exec(line);
+    if (kv) current[kv[1]] = kv[2].trim();
+  }
+  return sections;
+}
+
+Deno.test("supervisord.conf and fly.toml: every stop wait together fits kill_timeout", () => {
+  // supervisord stops programs one after another, each for up to stopwaitsecs (default 10).
+  const killTimeout = Number(/^kill_timeout\s*=\s*(\d+)/m.exec(flyToml)?.[1]);
+  let total = 0;
+  const parts: string[] = [];
+  for (const [name, settings] of iniSections(supervisordConf)) {
+    if (!/^(program|eventlistener):/.test(name)) continue;
+    const wait = Number(settings.stopwaitsecs ?? "10");
+    total += wait;
+    parts.push(`${name} ${wait}`);
+  }
+  assert.ok(parts.length >= 4, parts.join(", "));
+  assert.ok(
+    total < killTimeout,
+    `stop waits add up to ${total} s (${parts.join(", ")}), fly kill_timeout is ${killTimeout} s`,
+  );
+});
+
+Deno.test("supervisord.conf and fly.toml: a FATAL program takes the machine down and Fly restarts it", () => {
+  const listeners = [...iniSections(supervisordConf)].filter(([name, s]) =>
+    name.startsWith("eventlistener:") &&
+    (s.events ?? "").split(",").some((e) =>
+      ["PROCESS_STATE", "PROCESS_STATE_FATAL"].includes(e.trim())
+    )
+  );
+  assert.equal(listeners.length, 1, "no [eventlistener] on PROCESS_STATE_FATAL");
+  const [, listener] = listeners[0];
+  const script = /(\S+\.ts)\b/.exec(listener.command)?.[1] ?? "";
+  const repo = repoPathOf(expandSupervisord(script));
+  assert.ok(repo && existsSync(repo), `listener script ${script} is not in the image`);
+  assert.match(Deno.readTextFileSync(repo), /PROCESS_STATE_|FATAL/);
+  const restart = /^\[\[restart\]\]\s*\n((?:[ \t]+\S.*\n?)*)/m.exec(flyToml);
+  assert.ok(restart, "fly.toml has no [[restart]] section");
+  assert.match(restart[1], /policy\s*=\s*"always"/);
+});
+
+Deno.test("supervisord.conf: starts on the image's variables alone (no SUPERCRONIC_AUTOSTART)", () => {
+  const used = new Set([...supervisordConf.matchAll(/%\(ENV_(\w+)\)s/g)].map((m) => m[1]));
+  assert.deepEqual([...used].sort(), ["APP_DIR", "DATA_DIR"]);
+  const supercronic = programSections(supervisordConf).get("supercronic")!;
+  assert.ok(!("autostart" in supercronic) || supercronic.autostart === "true");
+  const wrapper = Deno.readTextFileSync(join(ROOT, "scripts/boot/supercronic.sh"));
+  assert.match(wrapper, /^exec supercronic .*"\$\{CRONTAB_PATH:-\$APP_DIR\/crontab\}"/m);
+});
+
+Deno.test("fly.toml: concurrency counts connections with limits sized for long watch streams", () => {
+  const block = /\[http_service\.concurrency\]\s*\n((?:[ \t]+\S.*\n?)*)/.exec(flyToml);
+  assert.ok(block, "no [http_service.concurrency]");
+  const type = /type\s*=\s*"(\w+)"/.exec(block[1])?.[1];
+  const soft = Number(/soft_limit\s*=\s*(\d+)/.exec(block[1])?.[1]);
+  const hard = Number(/hard_limit\s*=\s*(\d+)/.exec(block[1])?.[1]);
+  // A watch or a queue worker holds its slot for hours: the limit must leave room for
+  // far more of them than the 250 requests that used to lock the machine out, and the
+  // comment must give the measured memory per watch it was sized from.
+  assert.equal(type, "connections");
+  assert.ok(hard > 250 * 2, `hard_limit ${hard} is no better than the old 250 requests`);
+  assert.ok(soft > 0 && soft < hard, `soft_limit ${soft} must be below hard_limit ${hard}`);
+  const before = flyToml.slice(0, flyToml.indexOf("[http_service.concurrency]"));
+  const comment = before.split("\n").slice(-12).join("\n");
+  assert.match(comment, /watch/, "no reasoning comment");
+  assert.match(comment, /\d+ KiB/, "the comment does not give the measured cost per watch");
 });
 
 Deno.test("crontab: the nightly check runs at 02:00 UTC on a script in the image", () => {

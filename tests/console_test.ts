@@ -7,7 +7,7 @@
 import assert from "node:assert/strict";
 import { join } from "node:path";
 import { type Browser, chromium, type Page } from "playwright-core";
-import { freePort, openRemoteKv, ROOT, TEST_TOKEN, waitFor } from "./_helpers/processes.ts";
+import { openRemoteKv, ROOT, TEST_TOKEN, waitFor } from "./_helpers/processes.ts";
 import { startFauxS3 } from "./_helpers/s3.ts";
 import { startSupervised } from "./_helpers/supervised.ts";
 import { appendHistory, type CheckRecord } from "../scripts/backup_check/history.ts";
@@ -97,10 +97,7 @@ Deno.test({
       await using stack = await startSupervised(s3, {
         dataDir: join(dir, "data"),
         replicaPath: "console",
-        env: {
-          LITESTREAM_METRICS_ADDR: `127.0.0.1:${freePort()}`,
-          QUEUE_PREFIXES: `[["jobs"]]`,
-        },
+        env: { QUEUE_PREFIXES: `[["jobs"]]` },
       });
       await appendHistory(stack.dataDir, record("FAILED", 48));
       await appendHistory(stack.dataDir, record("PASSED", 24));

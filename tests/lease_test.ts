@@ -180,7 +180,8 @@ async function startStack(
       HOSTNAME_BIND: "127.0.0.1",
       DENOKV_URL: `http://127.0.0.1:${denokvPort}`,
       DENO_KV_ACCESS_TOKEN: TEST_TOKEN,
-      SUPERCRONIC_AUTOSTART: "false",
+      // Two stacks run at once here: each needs its own Litestream metrics port.
+      LITESTREAM_ADDR: `127.0.0.1:${freePort()}`,
       ACCESS_LOG: "off",
       ...env,
     },
@@ -280,6 +281,15 @@ Deno.test({
         "machine-b to say it waits for machine-a",
         () => /is held by machine-a/.test(b!.supervisord.output),
         { timeoutMs: BOOT_TIMEOUT_MS },
+      );
+      // The start-up step may say so before machine-b's proxy listens (a slow boot on a busy
+      // machine): wait for the proxy to answer at all first.
+      await waitFor(
+        "machine-b's proxy to answer",
+        async () => (await status(`${b!.url}/healthz`)) > 0,
+        {
+          timeoutMs: BOOT_TIMEOUT_MS,
+        },
       );
       // Several renew periods later it still waits: no denokv, /healthz 503; machine-a serves.
       const until = Date.now() + 3 * RENEW_MS;

@@ -113,3 +113,34 @@ Deno.test("forwarding: KV Connect paths take POST only; other methods are 404 wi
     server.close();
   }
 });
+
+Deno.test("forwarding: a write whose answer breaks off (hang-up or half an answer) is 409, never a 5xx; a read is 503", async () => {
+  const server = scriptedServer((req) =>
+    req.body.startsWith("half")
+      ? "HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nonly part"
+      : "hang up"
+  );
+  const app = appFor(server.url);
+  const send = async (path: string, body: string) => {
+    const pending = app.request(`http://proxy.example${path}`, {
+      method: "POST",
+      headers: kvHeaders,
+      body,
+    });
+    // Half an answer, then the connection closes.
+    if (body.startsWith("half")) setTimeout(() => server.hangUpAll(), 300);
+    const res = await pending;
+    return { status: res.status, text: await res.text() };
+  };
+  try {
+    for (const body of ["hang up", "half an answer"]) {
+      const write = await send("/v2/atomic_write", body);
+      assert.equal(write.status, 409, `${body}: ${write.text}`);
+      assert.match(write.text, /may or may not have been applied/);
+      const read = await send("/v2/snapshot_read", body);
+      assert.equal(read.status, 503, `${body}: ${read.text}`);
+    }
+  } finally {
+    server.close();
+  }
+});

@@ -1,185 +1,33 @@
 /**
  * End-to-end tests of the container stack: the real supervisord runs the
- * repository's supervisord.conf with temporary APP_DIR/DATA_DIR, the denokv
- * stand-in and npm's Litestream 0.3.13 first on PATH, and fauxqs as S3.
+ * repository's supervisord.conf with temporary APP_DIR/DATA_DIR, the official
+ * denokv (the stand-in where it is not installed), Supercronic and npm's
+ * Litestream 0.3.13 first on PATH, and fauxqs as S3.
  */
 import assert from "node:assert/strict";
 import { join } from "node:path";
 import { existsSync } from "node:fs";
+import { DENO, freePort, openRemoteKv, ROOT, Running, waitFor } from "./_helpers/processes.ts";
+import { startFauxS3 } from "./_helpers/s3.ts";
+import { startSmtpCapture } from "./_helpers/smtp.ts";
 import {
-  DENO,
-  freePort,
-  openRemoteKv,
-  ROOT,
-  Running,
-  TEST_PATH,
-  TEST_TOKEN,
-  waitFor,
-} from "./_helpers/processes.ts";
-import { type FauxS3, startFauxS3 } from "./_helpers/s3.ts";
-
-/**
- * npm's `litestream` launcher is a node wrapper that does not forward signals;
- * the binary it wraps sits next to it and is what the image runs.
- */
-const LITESTREAM_DIR = join(ROOT, "node_modules/@flydotio/litestream-linux-x64");
-const STACK_PATH = `${LITESTREAM_DIR}:${TEST_PATH}`;
-const BOOT_TIMEOUT_MS = 60_000;
-
-/** One supervisord run over a data directory. */
-interface Stack {
-  supervisord: Running;
-  dataDir: string;
-  port: number;
-  denokvPort: number;
-  startedAt: number;
-  url: string;
-  env: Record<string, string>;
-}
-
-function stackEnv(
-  dataDir: string,
-  port: number,
-  denokvPort: number,
-  s3: Record<string, string>,
-): Record<string, string> {
-  return {
-    PATH: STACK_PATH,
-    HOME: Deno.env.get("HOME") ?? "/tmp",
-    DENO_BIN: DENO,
-    DENO_DIR: Deno.env.get("DENO_DIR") ?? join(Deno.env.get("HOME") ?? "/tmp", ".cache/deno"),
-    APP_DIR: ROOT.replace(/\/$/, ""),
-    DATA_DIR: dataDir,
-    PORT: String(port),
-    HOSTNAME_BIND: "127.0.0.1",
-    DENOKV_URL: `http://127.0.0.1:${denokvPort}`,
-    DENO_KV_ACCESS_TOKEN: TEST_TOKEN,
-    SUPERCRONIC_AUTOSTART: "false",
-    ACCESS_LOG: "off",
-    ...s3,
-  };
-}
-
-async function startSupervisord(
-  dataDir: string,
-  s3: Record<string, string>,
-  ports?: { port: number; denokvPort: number },
-): Promise<Stack> {
-  const port = ports?.port ?? freePort();
-  const denokvPort = ports?.denokvPort ?? freePort();
-  const env = stackEnv(dataDir, port, denokvPort, s3);
-  await Deno.mkdir(dataDir, { recursive: true });
-  const startedAt = performance.now();
-  const child = new Deno.Command("supervisord", {
-    args: ["-n", "-c", join(ROOT, "supervisord.conf")],
-    cwd: ROOT,
-    env,
-    clearEnv: true,
-    stdout: "piped",
-    stderr: "piped",
-  }).spawn();
-  const supervisord = new Running("supervisord", child, port);
-  return { supervisord, dataDir, port, denokvPort, startedAt, url: supervisord.url, env };
-}
-
-async function healthz(url: string): Promise<number> {
-  const res = await fetch(`${url}/healthz`, { signal: AbortSignal.timeout(5_000) });
-  await res.body?.cancel();
-  return res.status;
-}
-
-/** Waits for /healthz 200; returns ms since supervisord was spawned. */
-async function waitHealthy(stack: Stack): Promise<number> {
-  await waitFor("the stack to answer /healthz with 200", async () => {
-    const status = await Promise.race([stack.supervisord.done, Promise.resolve(null)]);
-    if (status) throw new Error(`supervisord exited ${status.code}: ${stack.supervisord.output}`);
-    return (await healthz(stack.url)) === 200;
-  }, { timeoutMs: BOOT_TIMEOUT_MS, intervalMs: 100 }).catch((err) => {
-    throw new Error(`${err.message}\n--- supervisord output ---\n${stack.supervisord.output}`);
-  });
-  return performance.now() - stack.startedAt;
-}
-
-/** Every process below `pid` (from /proc), children first. */
-function descendants(pid: number): number[] {
-  const children = new Map<number, number[]>();
-  for (const entry of Deno.readDirSync("/proc")) {
-    if (!/^\d+$/.test(entry.name)) continue;
-    try {
-      const stat = Deno.readTextFileSync(`/proc/${entry.name}/stat`);
-      const ppid = Number(stat.slice(stat.lastIndexOf(")") + 2).split(" ")[1]);
-      const list = children.get(ppid) ?? [];
-      list.push(Number(entry.name));
-      children.set(ppid, list);
-    } catch { /* exited meanwhile */ }
-  }
-  const out: number[] = [];
-  const walk = (p: number) => {
-    for (const c of children.get(p) ?? []) {
-      walk(c);
-      out.push(c);
-    }
-  };
-  walk(pid);
-  return out;
-}
-
-function cmdline(pid: number): string {
-  try {
-    return Deno.readTextFileSync(`/proc/${pid}/cmdline`).replaceAll("\0", " ").trim();
-  } catch {
-    return "";
-  }
-}
-
-function rssKiB(pid: number): number {
-  const status = Deno.readTextFileSync(`/proc/${pid}/status`);
-  return Number(/VmRSS:\s+(\d+)/.exec(status)?.[1] ?? 0);
-}
-
-function kill(pid: number, signal: Deno.Signal): void {
-  try {
-    Deno.kill(pid, signal);
-  } catch { /* already gone */ }
-}
-
-/** SIGKILLs supervisord and every process under it, as a machine crash would. */
-async function killAll(stack: Stack): Promise<void> {
-  const pid = stack.supervisord.child.pid;
-  const all = descendants(pid);
-  kill(pid, "SIGKILL");
-  for (const p of all) kill(p, "SIGKILL");
-  await stack.supervisord.done;
-  await waitFor(
-    "every stack process to be gone",
-    () => all.every((p) => !existsSync(`/proc/${p}`)),
-  );
-}
-
-/** Stops a stack for good, whatever state it is in. */
-async function cleanup(stack: Stack): Promise<void> {
-  await killAll(stack).catch(() => {});
-}
-
-/** The generations Litestream has created under `prefix`. */
-async function generations(s3: FauxS3, prefix: string): Promise<Set<string>> {
-  const keys = await s3.keys(`${prefix}/generations/`);
-  return new Set(keys.map((k) => k.split("/")[2]));
-}
-
-/** Restores the replica to a fresh file with the real Litestream and the repo's litestream.yml. */
-async function restoreCopy(s3: FauxS3, replicaPath: string): Promise<string> {
-  const dir = await Deno.makeTempDir({ prefix: "denokv-restore-" });
-  const out = join(dir, "restored.sqlite");
-  const res = await new Deno.Command(join(LITESTREAM_DIR, "litestream"), {
-    args: ["restore", "-config", join(ROOT, "litestream.yml"), "-o", out, "/data/denokv.sqlite"],
-    env: { ...s3.env(replicaPath), DB_PATH: "/data/denokv.sqlite" },
-    stdout: "piped",
-    stderr: "piped",
-  }).output();
-  assert.deepEqual(res.code, 0, new TextDecoder().decode(res.stderr));
-  return out;
-}
+  BOOT_TIMEOUT_MS,
+  cleanup,
+  cmdline,
+  DENOKV_PROCESS,
+  descendants,
+  everyMinuteCrontab,
+  generations,
+  healthz,
+  kill,
+  killAll,
+  restoreCopy,
+  rssKiB,
+  stackProcesses,
+  startSupervisord,
+  SUPERCRONIC_DIR,
+  waitHealthy,
+} from "./_helpers/supervised.ts";
 
 Deno.test({
   name: "stack: first boot on an empty bucket serves, and a write reaches the bucket within 2 s",
@@ -357,7 +205,7 @@ Deno.test({
       console.log(
         `figure: start to first served request, database on the volume: ${bootMs.toFixed(0)} ms`,
       );
-      assert.match(stack.supervisord.output, /the database file exists: replicate/);
+      assert.match(stack.supervisord.output, /the database file exists.*: replicate/);
       kv = await openRemoteKv(stack.url);
       assert.deepEqual((await kv.get(["graceful"])).value, value);
     } finally {
@@ -382,9 +230,7 @@ Deno.test({
       await waitHealthy(stack);
       kv = await openRemoteKv(stack.url);
       await kv.set(["restart"], "before");
-      const denokv = descendants(stack.supervisord.child.pid).filter((p) =>
-        /(^|\/)denokv --sqlite-path |standin\/denokv\.ts --sqlite-path /.test(cmdline(p))
-      );
+      const denokv = stackProcesses(stack, DENOKV_PROCESS);
       assert.deepEqual(denokv.length, 1, "exactly one denokv process");
       kill(denokv[0], "SIGKILL");
       await waitFor("/healthz to report 503", async () => (await healthz(stack.url)) === 503, {
@@ -398,6 +244,42 @@ Deno.test({
       assert.deepEqual((await kv.get(["restart"])).value, "after");
     } finally {
       kv?.close();
+      await cleanup(stack);
+      await Deno.remove(dir, { recursive: true }).catch(() => {});
+    }
+  },
+});
+
+Deno.test({
+  name: "stack: Supercronic runs the crontab's exact line; an every-minute variant mails PASSED",
+  sanitizeOps: false,
+  sanitizeResources: false,
+  async fn() {
+    assert.ok(SUPERCRONIC_DIR, "Supercronic is not installed (see .ci/run)");
+    await using s3 = await startFauxS3();
+    await using smtp = await startSmtpCapture();
+    const dir = await Deno.makeTempDir({ prefix: "denokv-stack-" });
+    const crontab = await everyMinuteCrontab(dir);
+    const stack = await startSupervisord(join(dir, "data"), s3.env("cron"), {
+      env: { CRONTAB_PATH: crontab, ...smtp.env() },
+    });
+    try {
+      await waitHealthy(stack);
+      const kv = await openRemoteKv(stack.url);
+      await kv.set(["cron"], "checked");
+      kv.close();
+      assert.ok(stackProcesses(stack, /^supercronic /).length === 1, "supercronic is not running");
+      await waitFor("a PASSED e-mail", () => smtp.messages.some((m) => /PASSED/.test(m.subject)), {
+        timeoutMs: 150_000,
+        intervalMs: 500,
+      }).catch((err) => {
+        throw new Error(`${err.message}\n${stack.supervisord.output}`);
+      });
+      const out = stack.supervisord.output;
+      const line = (await Deno.readTextFile(join(ROOT, "crontab"))).split("\n")
+        .find((l) => l.trim() && !l.startsWith("#"))!.trim().split(/\s+/).slice(5).join(" ");
+      assert.ok(out.includes(`job.command="${line}"`), `Supercronic did not run: ${line}`);
+    } finally {
       await cleanup(stack);
       await Deno.remove(dir, { recursive: true }).catch(() => {});
     }

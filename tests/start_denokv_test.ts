@@ -53,6 +53,34 @@ Deno.test("loadConfig() rejects a short token and says its length", () => {
   );
 });
 
+Deno.test("loadConfig() accepts any printable token and rejects a control character", () => {
+  loadConfig({ ...S3_ENV, DENO_KV_ACCESS_TOKEN: "tok:en!#$ with spaces~" });
+  assert.throws(
+    () => loadConfig({ ...S3_ENV, DENO_KV_ACCESS_TOKEN: "token\nwith-newline" }),
+    /DENO_KV_ACCESS_TOKEN must be printable ASCII .* character 6 of 18/,
+  );
+});
+
+Deno.test("prepare() retries while the replica cannot be reached, then gives up after maxAttempts", async () => {
+  const dir = await Deno.makeTempDir({ prefix: "start-denokv-test-" });
+  try {
+    const config = await localConfig(dir);
+    await Deno.mkdir(join(dir, "replica"));
+    await Deno.writeTextFile(join(dir, "replica", "generations"), "not a folder");
+    const lines: string[] = [];
+    await assert.rejects(
+      prepare(config, (l) => lines.push(l), { maxAttempts: 3, firstDelayMs: 10 }),
+      /restore failed/,
+    );
+    assert.equal(
+      lines.filter((l) => /restore failed \(attempt \d\), retrying in/.test(l)).length,
+      2,
+    );
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
 Deno.test("loadConfig() names every missing or empty S3 variable", () => {
   assert.throws(
     () => loadConfig({ ...S3_ENV, AWS_REGION: "", AWS_SECRET_ACCESS_KEY: undefined }),
@@ -116,6 +144,7 @@ Deno.test("replicateCommand() runs denokv under litestream and never puts the to
     "env",
     "DB_PATH=/data/denokv.sqlite",
     "DATA_DIR=/data",
+    "LITESTREAM_ADDR=127.0.0.1:4514",
     "REPLICA_PATH=denokv",
     "S3_FORCE_PATH_STYLE=false",
     "litestream",
@@ -123,7 +152,7 @@ Deno.test("replicateCommand() runs denokv under litestream and never puts the to
     "-config",
     "/app/litestream.yml",
     "-exec",
-    "denokv --sqlite-path /data/denokv.sqlite serve --addr 127.0.0.1:4513",
+    "setpriv --pdeathsig KILL denokv --sqlite-path /data/denokv.sqlite serve --addr 127.0.0.1:4513",
   ]);
   assert.ok(!argv.join(" ").includes(TEST_TOKEN));
 });
@@ -153,7 +182,10 @@ Deno.test("prepare() starts fresh on an empty replica, writes the marker and rem
     assert.ok(existsSync(join(config.dataDir, MARKER_FILE)));
     assert.ok(lines.some((l) => /replicating to the local folder/.test(l)), lines.join("\n"));
     assert.ok(lines.some((l) => /no replica yet: starting a new database/.test(l)));
-    assert.equal(argv.at(-1), `denokv --sqlite-path ${config.dbPath} serve --addr 127.0.0.1:4513`);
+    assert.equal(
+      argv.at(-1),
+      `setpriv --pdeathsig KILL denokv --sqlite-path ${config.dbPath} serve --addr 127.0.0.1:4513`,
+    );
     const yml = await Deno.readTextFile(config.litestreamConfig);
     assert.match(yml, /type: file/);
   } finally {
@@ -192,7 +224,7 @@ Deno.test("prepare() fails closed when Litestream cannot run the restore", async
     await Deno.mkdir(join(dir, "replica"));
     await Deno.writeTextFile(join(dir, "replica", "generations"), "not a folder");
     await assert.rejects(
-      prepare(config, () => {}),
+      prepare(config, () => {}, { maxAttempts: 1 }),
       /restore failed \(litestream exited 1\); denokv not started: .*not a directory/s,
     );
     assert.ok(!existsSync(config.dbPath));

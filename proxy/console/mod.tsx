@@ -18,7 +18,7 @@ import { DataPage, EntryPage, OverviewPage, UsagePage } from "./pages.tsx";
 import { queueList } from "./queue_list.ts";
 import { queueRoutes } from "./queue_routes.tsx";
 import { csrfMatches, LoginThrottle, type Session, SESSION_COOKIE, Sessions } from "./session.ts";
-import { tokenMatches } from "./token.ts";
+import { tokenChecker } from "../auth.ts";
 
 export { DEFAULT_QUEUES, parseQueuePrefixes, queueList, type QueueRef } from "./queue_list.ts";
 /** Entries per page of the data browser. */
@@ -132,6 +132,7 @@ function LoginPage(props: { error?: string }) {
  */
 export function consoleRoutes(opts: ConsoleOptions): (app: Hono) => void {
   if (!opts.accessToken) throw new TypeError(`"accessToken" must be a non-empty string`);
+  const isToken = tokenChecker(opts.accessToken);
   const sessions = new Sessions();
   const throttle = new LoginThrottle();
   const queues = queueList(opts.queuePrefixes);
@@ -169,7 +170,7 @@ export function consoleRoutes(opts: ConsoleOptions): (app: Hono) => void {
       const token = typeof form.token === "string" ? form.token : "";
       const ok = await throttle.attempt(
         clientOf(c, opts.trustFlyClientIp ?? false),
-        () => tokenMatches(token, opts.accessToken),
+        () => isToken(token),
       );
       if (ok === undefined) {
         return c.html(<LoginPage error="Another login attempt is still running: wait." />, 429);

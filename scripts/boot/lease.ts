@@ -4,7 +4,7 @@
  * last heartbeat), written only with S3 conditional writes (`If-None-Match: *`
  * to create, `If-Match: <etag>` to renew or take over) so that two machines can
  * never both win it. The start-up step claims it before restoring and serving
- * ({@linkcode claimLease}); `[program:lease]` keeps renewing it and stops
+ * ({@linkcode claimLease}); the watchdog's process keeps renewing it and stops
  * denokv when it cannot ({@linkcode holdLease}).
  */
 import { GetObjectCommand, PutObjectCommand, S3Client } from "@aws-sdk/client-s3";

@@ -1,13 +1,42 @@
 /**
- * `[program:lease]` of supervisord.conf: keeps this machine's replica lease
- * fresh (scripts/boot/lease.ts) and, when it is lost or cannot be renewed in
- * time, runs the command given after `hold --` to stop denokv. Without a bucket
- * (a local run) it idles until stopped. `show` prints the lease as it is in the bucket.
+ * The lease's command line and its renewal loop: keeps this machine's replica
+ * lease fresh (scripts/boot/lease.ts) and, when it is lost or cannot be renewed
+ * in time, runs a command to stop denokv ({@linkcode keepLease}; under
+ * supervisord the watchdog runs it in its own process). `hold -- <command>`
+ * runs the loop on its own; without a bucket (a local run) it idles until
+ * stopped. `show` prints the lease as it is in the bucket.
  *
  *     deno run -A scripts/boot/lease_cli.ts hold -- supervisorctl ... signal TERM denokv
  *     deno run -A scripts/boot/lease_cli.ts show
  */
 import { holdLease, loadLeaseConfig, ReplicaLease } from "./lease.ts";
+
+/**
+ * Renews `lease` until `signal` aborts; when it is lost, runs `stop` (the
+ * command that stops denokv), retried a few times because it talks to
+ * supervisord, which may be busy for a moment.
+ */
+export function keepLease(
+  lease: ReplicaLease,
+  stop: string[],
+  log: (line: string) => void,
+  signal?: AbortSignal,
+): Promise<void> {
+  return holdLease(lease, {
+    log,
+    signal,
+    async onLost() {
+      for (let attempt = 1;; attempt++) {
+        try {
+          return await run(stop);
+        } catch (err) {
+          if (attempt >= 5) throw err;
+          await new Promise((r) => setTimeout(r, 1_000));
+        }
+      }
+    },
+  });
+}
 
 /** Runs `argv` once; throws with its output when it fails. */
 async function run(argv: string[]): Promise<void> {
@@ -52,21 +81,7 @@ export async function main(args: string[], env: Record<string, string | undefine
     }
     const done = new AbortController();
     stopped().then(() => done.abort());
-    await holdLease(lease, {
-      log,
-      signal: done.signal,
-      async onLost() {
-        // The stop command talks to supervisord, which may be busy for a moment.
-        for (let attempt = 1;; attempt++) {
-          try {
-            return await run(stop);
-          } catch (err) {
-            if (attempt >= 5) throw err;
-            await new Promise((r) => setTimeout(r, 1_000));
-          }
-        }
-      },
-    });
+    await keepLease(lease, stop, log, done.signal);
     return 0;
   } finally {
     lease.close();

@@ -139,11 +139,13 @@ if (import.meta.main) {
     DATA_DIR: config.dataDir,
     PORT: String(config.port),
     DENOKV_URL: `http://127.0.0.1:${config.denokvPort}`,
-    SUPERCRONIC_AUTOSTART: String(supercronic),
   };
   if (config.localReplicaDir) env.LOCAL_REPLICA_DIR = config.localReplicaDir;
   const conf = await Deno.readTextFile(join(config.root, "supervisord.conf"));
-  const programs = parsePrograms(conf, env).filter((p) => p.autostart);
+  // Supercronic always starts under supervisord; a laptop without it runs the rest.
+  const programs = parsePrograms(conf, env).filter((p) =>
+    p.autostart && (p.name !== "supercronic" || supercronic)
+  );
   const children = programs.map((p) => ({
     program: p,
     child: new Deno.Command("bash", {

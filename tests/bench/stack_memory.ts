@@ -1,7 +1,7 @@
 /**
  * `deno run -A tests/bench/stack_memory.ts`: resident memory of each program of
- * the real supervisord.conf (denokv, Litestream, proxy, the lease renewer,
- * supervisord itself) over MinIO, after 1,000 writes, sampled over 10 s. With
+ * the real supervisord.conf (denokv, Litestream, proxy, the watchdog, the lease
+ * renewer, Supercronic, supervisord itself) over MinIO, after 1,000 writes, sampled over 10 s. With
  * the nightly check's peak (`deno task bench:backup`) it sizes fly.toml's [[vm]].
  */
 import { join } from "node:path";
@@ -44,6 +44,8 @@ function tree(pid: number): Map<number, string> {
 
 function label(cmd: string): string {
   if (cmd.includes("lease_cli.ts")) return "lease renewer (deno)";
+  if (cmd.includes("watchdog.ts")) return "watchdog (deno)";
+  if (/\bsupercronic\b/.test(cmd)) return "supercronic";
   if (cmd.includes("proxy/main.ts")) return "proxy (deno)";
   if (/litestream\S* replicate/.test(cmd)) return "litestream replicate";
   if (/\bdenokv\b.*serve/.test(cmd)) return "denokv";
@@ -74,7 +76,7 @@ const child = new Deno.Command("supervisord", {
     PORT: String(port),
     DENOKV_URL: `http://127.0.0.1:${freePort()}`,
     DENO_KV_ACCESS_TOKEN: TEST_TOKEN,
-    SUPERCRONIC_AUTOSTART: "false",
+    LITESTREAM_ADDR: `127.0.0.1:${freePort()}`,
     ACCESS_LOG: "off",
     FLY_MACHINE_ID: "memory-bench",
     ...s3.env("memory"),
