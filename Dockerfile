@@ -67,8 +67,8 @@ COPY lib/ ./lib/
 COPY scripts/ ./scripts/
 
 # Cache every Deno entry point at build time so a boot needs no network.
-RUN deno cache proxy/main.ts scripts/*.ts \
-  && chmod +x scripts/start_denokv.sh \
+RUN deno cache proxy/main.ts scripts/*/*.ts \
+  && chmod +x scripts/boot/start_denokv.sh \
   && mkdir -p /data
 
 EXPOSE 4512

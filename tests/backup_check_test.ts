@@ -1,5 +1,5 @@
 /**
- * End-to-end tests of scripts/backup_check.ts as a real subprocess: the denokv
+ * End-to-end tests of scripts/backup_check/backup_check.ts as a real subprocess: the denokv
  * stand-in, real Litestream replicating to fauxqs, and an SMTP capture server.
  */
 import assert from "node:assert/strict";

@@ -167,7 +167,7 @@ Deno.test("supervisord.conf: every path and command resolves in the image layout
     assert.equal(p.stdout_logfile_maxbytes, "0", `${name}: /dev/stdout cannot be rotated`);
   }
   // The start-up wrapper calls deno and execs litestream/denokv by name: all in the image.
-  const wrapper = Deno.readTextFileSync(join(ROOT, "scripts/start_denokv.sh"));
+  const wrapper = Deno.readTextFileSync(join(ROOT, "scripts/boot/start_denokv.sh"));
   assert.match(wrapper, /set -euo pipefail/);
   assert.match(wrapper, /^exec /m);
   assert.ok(imageBins.has("deno"));
@@ -290,7 +290,10 @@ Deno.test("crontab: the nightly check runs at 02:00 UTC on a script in the image
     })
   );
   const paths = expanded.filter((w) => w.startsWith("/"));
-  assert.ok(paths.some((p) => p.endsWith("/scripts/backup_check.ts")), expanded.join(" "));
+  assert.ok(
+    paths.some((p) => p.endsWith("/scripts/backup_check/backup_check.ts")),
+    expanded.join(" "),
+  );
   for (const path of paths) {
     const repo = repoPathOf(path);
     assert.ok(repo && existsSync(repo), `crontab: ${path} is not in the image`);

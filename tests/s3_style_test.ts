@@ -8,7 +8,7 @@
 import assert from "node:assert/strict";
 import { join } from "node:path";
 import { ListObjectsV2Command } from "@aws-sdk/client-s3";
-import { litestreamEnv, loadConfig as loadStartConfig } from "../scripts/start_denokv.ts";
+import { litestreamEnv, loadConfig as loadStartConfig } from "../scripts/boot/start_denokv.ts";
 import { loadConfig as loadCheckConfig } from "../scripts/backup_check/config.ts";
 import { s3Client } from "../scripts/backup_check/replica.ts";
 import { ROOT, TEST_TOKEN } from "./_helpers/processes.ts";

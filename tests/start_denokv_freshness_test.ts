@@ -1,10 +1,10 @@
 /**
  * Unit tests of the start-up's comparison of the volume's database with the
- * replica (scripts/start_denokv_freshness.ts). The end-to-end case (a volume
+ * replica (scripts/boot/start_denokv_freshness.ts). The end-to-end case (a volume
  * back from an older snapshot) is in tests/faults/storage_test.ts.
  */
 import assert from "node:assert/strict";
-import { compareWithReplica, parseWalList } from "../scripts/start_denokv_freshness.ts";
+import { compareWithReplica, parseWalList } from "../scripts/boot/start_denokv_freshness.ts";
 
 const G1 = "0fe53c9f407bb3a0";
 const G2 = "1aa53c9f407bb3a1";

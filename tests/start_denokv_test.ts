@@ -1,5 +1,5 @@
 /**
- * Unit tests of the start-up step (scripts/start_denokv.ts): configuration
+ * Unit tests of the start-up step (scripts/boot/start_denokv.ts): configuration
  * checks, the restore decisions, and `prepare()` against the real Litestream
  * with a local-folder replica.
  */
@@ -14,7 +14,7 @@ import {
   prepare,
   replicateCommand,
   type StartConfig,
-} from "../scripts/start_denokv.ts";
+} from "../scripts/boot/start_denokv.ts";
 import { ROOT, TEST_TOKEN } from "./_helpers/processes.ts";
 
 const LITESTREAM = join(ROOT, "node_modules/@flydotio/litestream-linux-x64/litestream");

@@ -120,7 +120,7 @@ export function restoreConfigYaml(dbPath: string, s3: S3Config): string {
   // JSON strings are valid YAML scalars, which keeps odd characters safe.
   const q = JSON.stringify;
   return [
-    "# Written by scripts/backup_check.ts for one restore; credentials come from the env.",
+    "# Written by scripts/backup_check/backup_check.ts for one restore; credentials come from the env.",
     "dbs:",
     `  - path: ${q(dbPath)}`,
     "    replicas:",

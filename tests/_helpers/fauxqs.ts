@@ -36,7 +36,7 @@ export interface BackupFixture {
   litestream: Running;
   /** The environment contract for the check against this stack. */
   env(extra?: Record<string, string>): Record<string, string>;
-  /** Runs `deno run -A scripts/backup_check.ts` with a clean environment. */
+  /** Runs `deno run -A scripts/backup_check/backup_check.ts` with a clean environment. */
   runCheck(extra?: Record<string, string>): Promise<CheckRun>;
   /** Stops Litestream (replication stopped). */
   stopReplication(): Promise<void>;
@@ -156,7 +156,7 @@ export async function startBackupFixture(
       env,
       async runCheck(extra = {}) {
         const out = await new Deno.Command(DENO, {
-          args: ["run", "-A", join(ROOT, "scripts/backup_check.ts")],
+          args: ["run", "-A", join(ROOT, "scripts/backup_check/backup_check.ts")],
           cwd: ROOT,
           env: env(extra),
           clearEnv: true,

@@ -1,6 +1,6 @@
 /**
  * `deno task bench:backup [-- --entries N]`: time and memory of the nightly
- * check (scripts/backup_check.ts) over a replicated database of N entries
+ * check (scripts/backup_check/backup_check.ts) over a replicated database of N entries
  * (default 100,000, about 60 MB; `BACKUP_BENCH_ENTRIES` works too). Memory is
  * sampled from /proc every 50 ms: the check with its `litestream restore`
  * child summed, and that plus the running denokv and `litestream replicate`
@@ -96,7 +96,7 @@ async function main(): Promise<void> {
 
   const started = performance.now();
   const child = new Deno.Command(DENO, {
-    args: ["run", "-A", join(ROOT, "scripts/backup_check.ts")],
+    args: ["run", "-A", join(ROOT, "scripts/backup_check/backup_check.ts")],
     cwd: ROOT,
     env: fx.env(),
     clearEnv: true,

@@ -288,7 +288,7 @@ Deno.test({
     assert.ok(proxy !== null, "the proxy started with a control character in its token");
     assert.match(proxy, /DENO_KV_ACCESS_TOKEN must be printable ASCII/);
     const start = await new Deno.Command(Deno.execPath(), {
-      args: ["run", "-A", join(ROOT, "scripts/start_denokv.ts")],
+      args: ["run", "-A", join(ROOT, "scripts/boot/start_denokv.ts")],
       env: { DENO_KV_ACCESS_TOKEN: "abc\u0001defghijklm", LOCAL_REPLICA_DIR: "/tmp/none" },
       stdout: "piped",
       stderr: "piped",

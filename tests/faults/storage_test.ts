@@ -21,7 +21,7 @@ import {
   waitHealthy,
   waitInReplica,
 } from "../_helpers/supervised.ts";
-import { RESTORE_LOCK_FILE } from "../../scripts/start_denokv.ts";
+import { RESTORE_LOCK_FILE } from "../../scripts/boot/start_denokv.ts";
 
 async function write(stack: Stack, key: Deno.KvKey, value: unknown): Promise<void> {
   const kv = await openRemoteKv(stack.url);

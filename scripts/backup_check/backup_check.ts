@@ -6,8 +6,8 @@
  * report could not be delivered (it is then saved under `$DATA_DIR/reports/`).
  */
 import { join } from "node:path";
-import { type BackupCheckConfig, loadConfig } from "./backup_check/config.ts";
-import { appendHistory, type CheckRecord, type CheckRow } from "./backup_check/history.ts";
+import { type BackupCheckConfig, loadConfig } from "./config.ts";
+import { appendHistory, type CheckRecord, type CheckRow } from "./history.ts";
 import {
   dataKeys,
   listReplica,
@@ -15,10 +15,10 @@ import {
   restoreReplica,
   s3Client,
   waitForUpload,
-} from "./backup_check/replica.ts";
-import { renderReport, saveReport, sendReport } from "./backup_check/report.ts";
-import { checkIntegrity, countRestoredEntries } from "./backup_check/verify.ts";
-import { compareDatabases } from "./backup_check/compare.ts";
+} from "./replica.ts";
+import { renderReport, saveReport, sendReport } from "./report.ts";
+import { checkIntegrity, countRestoredEntries } from "./verify.ts";
+import { compareDatabases } from "./compare.ts";
 
 /** Writes through denokv get this long before the check gives up on the server. */
 const KV_TIMEOUT_MS = 15_000;
