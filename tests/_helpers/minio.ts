@@ -8,12 +8,12 @@
 import { join } from "node:path";
 import { CreateBucketCommand, ListObjectsV2Command, S3Client } from "@aws-sdk/client-s3";
 import { freePort, Running, waitFor } from "./processes.ts";
+import { cacheDir } from "../../scripts/dev/tools.ts";
 
 /** The newest MinIO module version on the Go module proxy (its repository is archived). */
 export const MINIO_VERSION = "v0.0.0-20260212201848-7aac2a2c5b7c";
-const HOME = Deno.env.get("HOME") ?? "/root";
-/** Where the build is cached. */
-export const MINIO_BIN = join(HOME, ".cache/denokv-on-fly", `minio-${MINIO_VERSION}`, "bin/minio");
+/** Where the build is cached (the machine cache the other real parts use). */
+export const MINIO_BIN = join(cacheDir(), `minio-${MINIO_VERSION}`, "bin/minio");
 /** MinIO wants at least 3 and 8 characters. */
 export const MINIO_CREDENTIALS = {
   accessKeyId: "minio-test",
