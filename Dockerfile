@@ -66,7 +66,8 @@ COPY proxy/ ./proxy/
 COPY lib/ ./lib/
 COPY scripts/ ./scripts/
 
-# Cache every Deno entry point at build time so a boot needs no network.
+# Cache every Deno entry point at build time so a boot needs no network, nor do the
+# nightly check and `deno task restore|rollback` (scripts/restore/, run with this `deno`).
 RUN deno cache proxy/main.ts scripts/*/*.ts \
   && chmod +x scripts/boot/start_denokv.sh \
   && mkdir -p /data

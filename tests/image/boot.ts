@@ -16,6 +16,8 @@ export interface Boot {
   startedAt: number;
   /** ms from `buildah run` to the first 200 from /healthz. */
   readyMs: number;
+  /** What it was booted with: {@linkcode execInBoot} repeats its volumes and environment. */
+  opts: BootOptions;
 }
 
 /** Options for {@linkcode bootImage}. */
@@ -44,11 +46,12 @@ async function healthz(url: string): Promise<number> {
   return res.status;
 }
 
-/** Makes a fresh container from the image (a new machine's root file system) and boots it. */
-export async function bootImage(opts: BootOptions): Promise<Boot> {
-  const container = (await buildah(["from", "--pull-never", opts.image])).stdout.trim();
-  const argv = await entryPoint(opts.image);
-  const args = [
+/**
+ * `buildah run` of `argv` in `container`. Each run gets only the image's own ENV,
+ * so the machine's environment (Fly's secrets) and its /data volume are given each time.
+ */
+function runArgs(container: string, opts: BootOptions, argv: string[]): string[] {
+  return [
     "run",
     "--isolation",
     "chroot",
@@ -62,6 +65,33 @@ export async function bootImage(opts: BootOptions): Promise<Boot> {
     "--",
     ...argv,
   ];
+}
+
+/**
+ * Runs a command inside a booted machine, beside its running supervisord, as
+ * `fly ssh console -C` would: same root file system, /data and environment.
+ */
+export async function execInBoot(
+  boot: Boot,
+  argv: string[],
+  opts: { timeoutMs?: number } = {},
+): Promise<{ code: number; stdout: string; stderr: string }> {
+  const out = await new Deno.Command("buildah", {
+    args: [...BUILDAH_GLOBAL, ...runArgs(boot.container, boot.opts, argv)],
+    stdin: "null",
+    stdout: "piped",
+    stderr: "piped",
+    signal: AbortSignal.timeout(opts.timeoutMs ?? 180_000),
+  }).output();
+  const decoder = new TextDecoder();
+  return { code: out.code, stdout: decoder.decode(out.stdout), stderr: decoder.decode(out.stderr) };
+}
+
+/** Makes a fresh container from the image (a new machine's root file system) and boots it. */
+export async function bootImage(opts: BootOptions): Promise<Boot> {
+  const container = (await buildah(["from", "--pull-never", opts.image])).stdout.trim();
+  const argv = await entryPoint(opts.image);
+  const args = runArgs(container, opts, argv);
   const startedAt = performance.now();
   const child = new Deno.Command("buildah", {
     args: [...BUILDAH_GLOBAL, ...args],
@@ -71,7 +101,7 @@ export async function bootImage(opts: BootOptions): Promise<Boot> {
   }).spawn();
   const runner = new Running("image", child, opts.port);
   const url = `http://127.0.0.1:${opts.port}`;
-  const boot: Boot = { container, runner, url, startedAt, readyMs: 0 };
+  const boot: Boot = { container, runner, url, startedAt, readyMs: 0, opts };
   try {
     await waitFor("the image to answer /healthz with 200", async () => {
       if (runner.exited) throw new Error(`buildah run exited ${runner.exited.code}`);

@@ -12,9 +12,11 @@ import { startSmtpCapture } from "../_helpers/smtp.ts";
 import { buildah } from "./buildah.ts";
 import { buildImage, type Built } from "./build.ts";
 import { type Boot, bootImage, imageProcesses, killBoot, memoryKiB, stopBoot } from "./boot.ts";
+import { checkPointInTimeRestore, pitrValues } from "./pitr.ts";
 
 const KEYS = 1_000;
 const KEY_PREFIX = ["image-test"];
+const REPLICA_PATH = "image-test";
 
 /** The repository's crontab with every job rescheduled to each minute, command untouched. */
 async function everyMinuteCrontab(): Promise<string> {
@@ -91,8 +93,8 @@ async function countKeys(kv: Deno.Kv): Promise<number> {
 
 /** A process's role in the table, from its command line. */
 function role(cmd: string): string {
-  // The lease renewer's command line names supervisorctl, its config and denokv: first.
-  if (cmd.includes("lease_cli.ts")) return "lease renewer (deno)";
+  // One sidecar watches the programs and renews the replica lease (supervisord.conf).
+  if (cmd.includes("scripts/boot/watchdog.ts")) return "watchdog + lease renewer (deno)";
   if (cmd.includes("bin/supervisord")) return "supervisord";
   if (cmd.includes("proxy/main.ts")) return "proxy (deno)";
   if (cmd.startsWith("litestream")) return "litestream";
@@ -106,7 +108,7 @@ const MiB = 1024;
 
 Deno.test({
   name:
-    "image: the Dockerfile builds unchanged, boots, serves KV and /lib/, survives SIGKILL + wipe, and its Supercronic mails PASSED",
+    "image: the Dockerfile builds unchanged, boots, serves KV and /lib/, its Supercronic mails PASSED, restore and rollback run inside it, and it survives SIGKILL + wipe",
   sanitizeOps: false,
   sanitizeResources: false,
   async fn(t) {
@@ -146,7 +148,7 @@ Deno.test({
       APP_NAME: "image-test",
       // One machine, rebooted: the lease it held before the SIGKILL is its own.
       FLY_MACHINE_ID: "image-test-machine",
-      ...s3.env("image-test"),
+      ...s3.env(REPLICA_PATH),
       ...smtp.env(),
     };
     const bootOpts = {
@@ -177,7 +179,7 @@ Deno.test({
             "litestream",
             "denokv",
             "supercronic",
-            "lease renewer (deno)",
+            "watchdog + lease renewer (deno)",
           ]
         ) {
           assert.ok(names.includes(name), `${name} is not running: ${names.join(", ")}`);
@@ -256,6 +258,18 @@ Deno.test({
       );
 
       await step(
+        "inside the image: restore --list, restore --at T --to a copy, rollback --at T",
+        async () => {
+          const { rollbackMs } = await checkPointInTimeRestore(boot!, s3, dataDir, REPLICA_PATH)
+            .catch((err) => {
+              throw new Error(`${err.message}\n--- image output ---\n${boot!.runner.output}`);
+            });
+          figures.push(["deno task rollback in the image", `${(rollbackMs / 1000).toFixed(1)} s`]);
+        },
+      );
+
+      // After the rollback: the cold boot below also restores the rolled-back generation.
+      await step(
         `SIGKILL of every process, /data wiped, cold boot: ${KEYS}/${KEYS} back`,
         async () => {
           await killBoot(boot!);
@@ -270,6 +284,8 @@ Deno.test({
           const kv = await openRemoteKv(boot.url);
           try {
             assert.equal(await countKeys(kv), KEYS);
+            // The rolled-back state and the write after it, not B.
+            assert.deepEqual(await pitrValues(kv), { A: "value A", C: "value C" });
           } finally {
             kv.close();
           }
