@@ -267,20 +267,7 @@ export class ProxyMetrics {
     const minute = Math.floor(now / 60_000) * 60_000;
     let last = this.#usage.at(-1);
     if (!last || last.minute !== minute) {
-      last = {
-        minute,
-        reads: 0,
-        writes: 0,
-        watches: 0,
-        requests: 0,
-        errors: 0,
-        bytesIn: 0,
-        bytesOut: 0,
-        readUnits: 0,
-        writeUnits: 0,
-        latencyMsSum: 0,
-        latencyMsMax: 0,
-      };
+      last = emptyMinute(minute);
       this.#usage.push(last);
       if (this.#usage.length > USAGE_MINUTES) this.#usage.shift();
     }
@@ -375,20 +362,7 @@ export class ProxyMetrics {
     const out: MinuteUsage[] = [];
     for (let m = last - (minutes - 1) * 60_000; m <= last; m += 60_000) {
       out.push(
-        byMinute.get(m) ?? {
-          minute: m,
-          reads: 0,
-          writes: 0,
-          watches: 0,
-          requests: 0,
-          errors: 0,
-          bytesIn: 0,
-          bytesOut: 0,
-          readUnits: 0,
-          writeUnits: 0,
-          latencyMsSum: 0,
-          latencyMsMax: 0,
-        },
+        byMinute.get(m) ?? emptyMinute(m),
       );
     }
     return out;
@@ -495,4 +469,22 @@ export interface Health {
   replica?: import("./metrics_replica.ts").ReplicaState;
   check?: import("../scripts/backup_check/history.ts").CheckRecord;
   now: number;
+}
+
+/** A minute with no traffic. */
+function emptyMinute(minute: number): MinuteUsage {
+  return {
+    minute,
+    reads: 0,
+    writes: 0,
+    watches: 0,
+    requests: 0,
+    errors: 0,
+    bytesIn: 0,
+    bytesOut: 0,
+    readUnits: 0,
+    writeUnits: 0,
+    latencyMsSum: 0,
+    latencyMsMax: 0,
+  };
 }

@@ -115,6 +115,18 @@ export async function waitForUpload(
   }
 }
 
+/** The environment for a `litestream` command: `env` plus the bucket's credentials. */
+export function litestreamCredentials(
+  s3: S3Config,
+  env: Record<string, string> = {},
+): Record<string, string> {
+  return {
+    ...env,
+    LITESTREAM_ACCESS_KEY_ID: s3.accessKeyId,
+    LITESTREAM_SECRET_ACCESS_KEY: s3.secretAccessKey,
+  };
+}
+
 /** A Litestream config that names only the replica, so restore never needs litestream.yml. */
 export function restoreConfigYaml(dbPath: string, s3: S3Config): string {
   // JSON strings are valid YAML scalars, which keeps odd characters safe.
@@ -177,11 +189,7 @@ export async function restoreReplica(opts: {
         ...(opts.timestamp ? ["-timestamp", opts.timestamp.toISOString()] : []),
         opts.dbPath,
       ],
-      env: {
-        ...opts.env,
-        LITESTREAM_ACCESS_KEY_ID: opts.s3.accessKeyId,
-        LITESTREAM_SECRET_ACCESS_KEY: opts.s3.secretAccessKey,
-      },
+      env: litestreamCredentials(opts.s3, opts.env),
       stdout: "piped",
       stderr: "piped",
     }).output();

@@ -4,7 +4,7 @@
  * and `wal` commands (the same bounds its `restore -timestamp` goes by).
  */
 import { join } from "node:path";
-import { restoreConfigYaml } from "../backup_check/replica.ts";
+import { litestreamCredentials, restoreConfigYaml } from "../backup_check/replica.ts";
 import type { S3Config } from "../backup_check/config.ts";
 
 /** One generation: a continuous history that starts with a snapshot. */
@@ -102,11 +102,7 @@ async function litestream(
     await Deno.writeTextFile(configPath, restoreConfigYaml(opts.dbPath, opts.s3), { mode: 0o600 });
     const out = await new Deno.Command(opts.litestreamBin, {
       args: [sub, "-config", configPath, opts.dbPath],
-      env: {
-        ...opts.env,
-        LITESTREAM_ACCESS_KEY_ID: opts.s3.accessKeyId,
-        LITESTREAM_SECRET_ACCESS_KEY: opts.s3.secretAccessKey,
-      },
+      env: litestreamCredentials(opts.s3, opts.env),
       stdout: "piped",
       stderr: "piped",
     }).output();
