@@ -6,9 +6,10 @@
  * loopback port. Also a TCP relay that can cut one client off from it.
  */
 import { join } from "node:path";
-import { CreateBucketCommand, ListObjectsV2Command, S3Client } from "@aws-sdk/client-s3";
+import { CreateBucketCommand, S3Client } from "@aws-sdk/client-s3";
 import { freePort, Running, waitFor } from "./processes.ts";
 import { cacheDir } from "../../scripts/dev/tools.ts";
+import { listKeys } from "./s3.ts";
 
 /** The newest MinIO module version on the Go module proxy (its repository is archived). */
 export const MINIO_VERSION = "v0.0.0-20260212201848-7aac2a2c5b7c";
@@ -108,18 +109,7 @@ export async function startMinio(bucket = "denokv-lease"): Promise<MinioS3> {
     port,
     bucket,
     client,
-    async keys(prefix = "") {
-      const keys: string[] = [];
-      let token: string | undefined;
-      do {
-        const page = await client.send(
-          new ListObjectsV2Command({ Bucket: bucket, Prefix: prefix, ContinuationToken: token }),
-        );
-        for (const o of page.Contents ?? []) if (o.Key) keys.push(o.Key);
-        token = page.IsTruncated ? page.NextContinuationToken : undefined;
-      } while (token);
-      return keys;
-    },
+    keys: (prefix = "") => listKeys(client, bucket, prefix),
     env(replicaPath = "denokv", at = endpoint) {
       return {
         REPLICA_PATH: replicaPath,

@@ -24,6 +24,20 @@ export interface FauxS3 {
   [Symbol.asyncDispose](): Promise<void>;
 }
 
+/** Every key in `bucket` under `prefix`, across pages. */
+export async function listKeys(client: S3Client, bucket: string, prefix = ""): Promise<string[]> {
+  const keys: string[] = [];
+  let token: string | undefined;
+  do {
+    const page = await client.send(
+      new ListObjectsV2Command({ Bucket: bucket, Prefix: prefix, ContinuationToken: token }),
+    );
+    for (const o of page.Contents ?? []) if (o.Key) keys.push(o.Key);
+    token = page.IsTruncated ? page.NextContinuationToken : undefined;
+  } while (token);
+  return keys;
+}
+
 /** Starts fauxqs with `node` from PATH and creates `bucket`. */
 export async function startFauxS3(bucket = "denokv-test"): Promise<FauxS3> {
   const port = freePort();
@@ -62,18 +76,7 @@ export async function startFauxS3(bucket = "denokv-test"): Promise<FauxS3> {
     endpoint,
     bucket,
     client,
-    async keys(prefix = "") {
-      const keys: string[] = [];
-      let token: string | undefined;
-      do {
-        const page = await client.send(
-          new ListObjectsV2Command({ Bucket: bucket, Prefix: prefix, ContinuationToken: token }),
-        );
-        for (const o of page.Contents ?? []) if (o.Key) keys.push(o.Key);
-        token = page.IsTruncated ? page.NextContinuationToken : undefined;
-      } while (token);
-      return keys;
-    },
+    keys: (prefix = "") => listKeys(client, bucket, prefix),
     env(replicaPath = "denokv") {
       return {
         BUCKET_NAME: bucket,

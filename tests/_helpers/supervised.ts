@@ -13,6 +13,7 @@ import {
   DENOKV_BIN,
   freePort,
   KV_SERVER,
+  openRemoteKv,
   ROOT,
   Running,
   TEST_PATH,
@@ -367,4 +368,24 @@ export async function everyMinuteCrontab(dir: string): Promise<string> {
   const path = join(dir, "crontab.every-minute");
   await Deno.writeTextFile(path, variant);
   return path;
+}
+
+/** Writes `value` at `key` through the proxy with a real client (acknowledged on return). */
+export async function write(stack: Stack, key: Deno.KvKey, value: unknown): Promise<void> {
+  const kv = await openRemoteKv(stack.url);
+  try {
+    await kv.set(key, value);
+  } finally {
+    kv.close();
+  }
+}
+
+/** Reads `key` through the proxy with a real client. */
+export async function read(stack: Stack, key: Deno.KvKey): Promise<unknown> {
+  const kv = await openRemoteKv(stack.url);
+  try {
+    return (await kv.get(key)).value;
+  } finally {
+    kv.close();
+  }
 }

@@ -5,7 +5,7 @@
  */
 import assert from "node:assert/strict";
 import { join } from "node:path";
-import { freePort, openRemoteKv, ROOT, waitFor } from "../_helpers/processes.ts";
+import { freePort, ROOT, waitFor } from "../_helpers/processes.ts";
 import { type FauxS3, startFauxS3 } from "../_helpers/s3.ts";
 import {
   alive,
@@ -17,11 +17,13 @@ import {
   kill,
   LITESTREAM_PROCESS,
   onlyProcess,
+  read,
   type Stack,
   stackProcesses,
   startSupervisord,
   waitHealthy,
   waitInReplica,
+  write,
 } from "../_helpers/supervised.ts";
 
 /** Boots a healthy stack on a fresh bucket prefix, runs `fn`, and tears everything down. */
@@ -39,25 +41,6 @@ async function withStack(
   } finally {
     await cleanup(stack);
     await Deno.remove(dir, { recursive: true }).catch(() => {});
-  }
-}
-
-/** Writes `value` at `key` through the proxy with a real client (acknowledged on return). */
-async function write(stack: Stack, key: Deno.KvKey, value: unknown): Promise<void> {
-  const kv = await openRemoteKv(stack.url);
-  try {
-    await kv.set(key, value);
-  } finally {
-    kv.close();
-  }
-}
-
-async function read(stack: Stack, key: Deno.KvKey): Promise<unknown> {
-  const kv = await openRemoteKv(stack.url);
-  try {
-    return (await kv.get(key)).value;
-  } finally {
-    kv.close();
   }
 }
 

@@ -15,31 +15,14 @@ import {
   healthz,
   healthzText,
   processesMatching,
-  type Stack,
+  read,
   stackProcesses,
   startSupervisord,
   waitHealthy,
   waitInReplica,
+  write,
 } from "../_helpers/supervised.ts";
 import { RESTORE_LOCK_FILE } from "../../scripts/boot/start_denokv.ts";
-
-async function write(stack: Stack, key: Deno.KvKey, value: unknown): Promise<void> {
-  const kv = await openRemoteKv(stack.url);
-  try {
-    await kv.set(key, value);
-  } finally {
-    kv.close();
-  }
-}
-
-async function read(stack: Stack, key: Deno.KvKey): Promise<unknown> {
-  const kv = await openRemoteKv(stack.url);
-  try {
-    return (await kv.get(key)).value;
-  } finally {
-    kv.close();
-  }
-}
 
 /** `size` characters of incompressible text (Litestream compresses what it ships). */
 function noise(size: number): string {
