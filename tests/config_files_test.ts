@@ -299,3 +299,25 @@ Deno.test("crontab: the nightly check runs at 02:00 UTC on a script in the image
     assert.ok(repo && existsSync(repo), `crontab: ${path} is not in the image`);
   }
 });
+
+Deno.test("npm test runs every check: fmt, lint, types, all test folders, the stand-in and the image", async () => {
+  const { SEQUENCE, BESIDE, testJobs } = await import("../scripts/dev/check_all.ts");
+  const pkg = JSON.parse(Deno.readTextFileSync(join(ROOT, "package.json")));
+  const tasks: Record<string, string> = JSON.parse(Deno.readTextFileSync(join(ROOT, "deno.json")))
+    .tasks;
+  assert.equal(pkg.scripts.test, "deno task setup && deno task ok");
+  assert.match(tasks.ok, /scripts\/dev\/check_all\.ts$/);
+  const parts = [...SEQUENCE, BESIDE].map((p) => p.args.join(" "));
+  for (const part of ["fmt --check", "lint", "task check", "task test", "task test:standin"]) {
+    assert.ok(parts.includes(part), `npm test does not run "deno ${part}"`);
+  }
+  assert.equal(BESIDE.args.join(" "), "task test:image");
+  // The test task leaves out only the folder the image part runs.
+  const ignored = [...tasks.test.matchAll(/--ignore=(\S+)/g)].map((m) => m[1]);
+  assert.deepEqual(ignored, ["tests/image/"]);
+  assert.match(tasks["test:image"], /deno test -A tests\/image\/$/);
+  assert.match(tasks.test, /deno test -A --parallel /);
+  assert.equal(testJobs({}, 2), "3");
+  assert.equal(testJobs({}, 8), "8");
+  assert.equal(testJobs({ DENO_JOBS: "1" }, 8), "1");
+});

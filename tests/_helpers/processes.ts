@@ -247,8 +247,21 @@ export async function startStack(
   };
 }
 
-/** Opens a real KV Connect client on `url` with `token`. */
-export function openRemoteKv(url: string, token = TEST_TOKEN): Promise<Deno.Kv> {
+/**
+ * Opens a real KV Connect client on `url` with `token`. The client reads its token
+ * from the process environment when the database opens, and `deno test --parallel`
+ * runs test files as threads of one process: a file lock keeps one setting of the
+ * variable and the open that reads it together.
+ */
+export async function openRemoteKv(url: string, token = TEST_TOKEN): Promise<Deno.Kv> {
+  using lock = await Deno.open(
+    join(Deno.env.get("TMPDIR") ?? "/tmp", "denokv-on-fly-openkv.lock"),
+    {
+      create: true,
+      write: true,
+    },
+  );
+  await lock.lock(true);
   Deno.env.set("DENO_KV_ACCESS_TOKEN", token);
-  return Deno.openKv(url);
+  return await Deno.openKv(url);
 }
