@@ -6,7 +6,7 @@
  */
 import { fileURLToPath } from "node:url";
 import { join } from "node:path";
-import { existsSync, readFileSync } from "node:fs";
+import { existsSync, mkdirSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { cacheDir, pinsFrom, toolPaths } from "../../scripts/dev/tools.ts";
 import { startTap, type Tap } from "./tap.ts";
 
@@ -85,12 +85,40 @@ export class Running {
   }
 }
 
-/** A port that was free a moment ago. */
+/** Where {@linkcode freePort} records the ports it hands out. */
+const PORT_CLAIMS = join(Deno.env.get("TMPDIR") ?? "/tmp", "denokv-on-fly-ports");
+/** How long a handed-out port stays claimed: time enough for the process given it to bind it. */
+const PORT_CLAIM_MS = 120_000;
+
+/**
+ * A free loopback port for a process a test is about to start. Taken below the
+ * kernel's ephemeral range (`ip_local_port_range`, 32768+ by default), so no
+ * `port: 0` listener or outgoing connection is handed the same port before the
+ * process binds it; claimed by a file, so test files running in parallel
+ * (threads of one process, or separate processes) never get the same port.
+ */
 export function freePort(): number {
-  const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
-  const { port } = listener.addr as Deno.NetAddr;
-  listener.close();
-  return port;
+  mkdirSync(PORT_CLAIMS, { recursive: true });
+  for (let attempt = 0; attempt < 1000; attempt++) {
+    const port = 20_000 + Math.floor(Math.random() * 12_000);
+    const claim = join(PORT_CLAIMS, String(port));
+    try {
+      if (Date.now() - statSync(claim).mtimeMs < PORT_CLAIM_MS) continue;
+      rmSync(claim, { force: true });
+    } catch { /* unclaimed */ }
+    try {
+      writeFileSync(claim, String(Deno.pid), { flag: "wx" });
+    } catch {
+      continue; // another test file claimed it just now
+    }
+    try {
+      Deno.listen({ hostname: "127.0.0.1", port }).close();
+      return port;
+    } catch {
+      continue; // in use by something else; the claim keeps others off it too
+    }
+  }
+  throw new Error("no free port between 20000 and 32000");
 }
 
 /** Waits until `check` resolves true, polling every `intervalMs`, or throws after `timeoutMs`. */
