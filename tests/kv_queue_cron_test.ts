@@ -60,6 +60,36 @@ Deno.test("scheduleToString() turns Deno.cron's object form into a cron string; 
 });
 
 Deno.test(
+  'withQueues kv.cron(): a throwing handler prints Deno\'s "Exception in cron handler <name>" with the error',
+  opts,
+  async () => {
+    const printed: unknown[][] = [];
+    const original = console.error;
+    console.error = (...args: unknown[]) => void printed.push(args);
+    let runs = 0;
+    try {
+      const kv = withQueues(await Deno.openKv(":memory:"));
+      const job = kv.cron("failing-job", "* * * * * *", () => {
+        runs++;
+        throw new Error(`boom ${runs}`);
+      });
+      await waitFor("two failed runs printed", () => printed.length >= 2, { timeoutMs: 10_000 });
+      kv.close();
+      await job;
+    } finally {
+      console.error = original;
+    }
+    assert.deepEqual(
+      printed.slice(0, 2).map(([text, error]) => [text, (error as Error).message]),
+      [["Exception in cron handler failing-job", "boom 1"], [
+        "Exception in cron handler failing-job",
+        "boom 2",
+      ]],
+    );
+  },
+);
+
+Deno.test(
   "withQueues kv.cron(): Deno.cron's shapes, options with signal and backoffSchedule",
   opts,
   async () => {

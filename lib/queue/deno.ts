@@ -127,6 +127,8 @@ export function withQueues(kv: Deno.Kv, options: WithQueuesOptions = {}): KvWith
         schedule,
         handler: () => run(),
         backoffSchedule: cronOptions.backoffSchedule,
+        // Deno prints each failed run this way (ext/cron/01_cron.ts).
+        onError: (error) => console.error(`Exception in cron handler ${name}`, error),
         signal: stop.signal,
       });
       const job = { stop, done: done.catch(() => {}) };
