@@ -95,6 +95,38 @@ export async function kvSuite(t: Deno.TestContext, kv: Deno.Kv): Promise<void> {
     await assert.rejects(() => kv.atomic().sum([ns, "not-u64"], 1n).commit());
   });
 
+  await t.step(
+    "sum, min and max with a wrong-typed value fail at once (a 4xx, never retried)",
+    async () => {
+      // The client re-sends a write answered 5xx for ever: a wrong type must be a 4xx.
+      const soon = <T>(p: Promise<T>) => {
+        let timer: ReturnType<typeof setTimeout> | undefined;
+        const late = new Promise<never>((_, reject) => {
+          timer = setTimeout(() => reject(new Error("no answer within 10 s (retried?)")), 10_000);
+        });
+        return Promise.race([p, late]).finally(() => clearTimeout(timer));
+      };
+      const u64 = [ns, "typed-u64"];
+      const text = [ns, "typed-text"];
+      await kv.set(u64, new Deno.KvU64(1n));
+      await kv.set(text, "text");
+      for (const type of ["sum", "min", "max"] as const) {
+        await assert.rejects(
+          () => soon(kv.atomic().mutate({ key: u64, value: 1 as never, type }).commit()),
+          (err: Error) => !/no answer within/.test(err.message),
+          `${type} with a Number operand`,
+        );
+        await assert.rejects(
+          () => soon(kv.atomic().mutate({ key: text, value: new Deno.KvU64(1n), type }).commit()),
+          (err: Error) => !/no answer within/.test(err.message),
+          `${type} on a stored string`,
+        );
+      }
+      assert.equal((await kv.get<Deno.KvU64>(u64)).value?.value, 1n);
+      assert.equal((await kv.get(text)).value, "text");
+    },
+  );
+
   await t.step("expireIn is accepted", async () => {
     const res = await kv.set([ns, "ttl"], "soon gone", { expireIn: 60_000 });
     assert.equal(res.ok, true);

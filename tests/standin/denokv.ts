@@ -129,8 +129,9 @@ function engineError(err: unknown): ApiError {
   if (/failed to decode|DecodeError|buffer underflow|invalid wire type/i.test(message)) {
     return new ApiError(400, `Request protobuf is invalid: ${message}.`);
   }
-  // denokv maps SqliteBackendError::TypeMismatch and SumOutOfRange to 400.
-  if (/mismatch|non-U64|out of range|Failed to perform/i.test(message)) {
+  // denokv maps SqliteBackendError::TypeMismatch and SumOutOfRange to 400; the
+  // npm engine says "Cannot sum KvU64 with Number" for a wrong-typed operand.
+  if (/mismatch|non-U64|out of range|Failed to perform|Cannot \w+ KvU64 with/i.test(message)) {
     return new ApiError(400, message);
   }
   if (/closed/i.test(message)) {
