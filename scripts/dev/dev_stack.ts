@@ -156,7 +156,9 @@ if (import.meta.main) {
   }));
   console.log(`
 denokv on Fly, local stack (${
-    realDenokv ? "official denokv" : "denokv stand-in: no denokv installed"
+    realDenokv
+      ? "official denokv"
+      : "denokv stand-in: no denokv installed; `deno task setup` builds the official one"
   })
   programs: ${programs.map((p) => p.name).join(", ")} (from supervisord.conf${
     supercronic ? "" : "; supercronic not on PATH, nightly check not scheduled"
