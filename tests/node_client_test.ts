@@ -41,7 +41,7 @@ Deno.test(
       list: ["node/a", "node/big", "node/n"],
       watch: [{ hello: "node" }, "changed"],
     });
-    // A wrong token: the client fails to open and nothing was written.
+    // A wrong token: the client fails to open with the server's 401.
     const wrong = await run(`${TEST_TOKEN}-wrong`);
     assert.notEqual(wrong.code, 0);
     assert.match(wrong.stderr, /Unexpected response status: 401/);

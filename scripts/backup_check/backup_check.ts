@@ -45,7 +45,8 @@ export const EXIT_PASSED = 0;
 export const EXIT_FAILED = 1;
 export const EXIT_UNDELIVERED = 2;
 
-function withTimeout<T>(what: string, ms: number, promise: Promise<T>): Promise<T> {
+/** `promise`, or a rejection naming `what` once `ms` have passed. */
+export function withTimeout<T>(what: string, ms: number, promise: Promise<T>): Promise<T> {
   let timer: ReturnType<typeof setTimeout> | undefined;
   const timeout = new Promise<never>((_, reject) => {
     timer = setTimeout(() => reject(new Error(`${what} timed out after ${ms} ms`)), ms);

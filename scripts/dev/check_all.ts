@@ -24,7 +24,11 @@ export const SEQUENCE: Part[] = [
   { name: "fmt", args: ["fmt", "--check"] },
   { name: "lint", args: ["lint"] },
   { name: "check", args: ["task", "check"] },
-  { name: "test", args: ["task", "test"] },
+  {
+    name: "test",
+    args: ["task", "test"],
+    env: { DENO_JOBS: testJobs(Deno.env.toObject(), navigator.hardwareConcurrency) },
+  },
   { name: "test:standin", args: ["task", "test:standin"] },
 ];
 /** The part that runs beside the sequence. */
@@ -65,7 +69,6 @@ async function runPart(part: Part, output: "inherit" | Deno.FsFile): Promise<boo
 
 async function main(): Promise<number> {
   const started = performance.now();
-  const jobs = testJobs(Deno.env.toObject(), navigator.hardwareConcurrency);
   await Deno.mkdir(join(ROOT, ".data"), { recursive: true });
   const logPath = join(ROOT, ".data/test-image.log");
   const log = await Deno.open(logPath, { create: true, write: true, truncate: true });
@@ -74,8 +77,7 @@ async function main(): Promise<number> {
 
   const failed: string[] = [];
   for (const part of SEQUENCE) {
-    const env = part.name === "test" ? { DENO_JOBS: jobs } : undefined;
-    if (!await runPart({ ...part, env }, "inherit")) failed.push(part.name);
+    if (!await runPart(part, "inherit")) failed.push(part.name);
   }
   const imageOk = await beside;
   log.close();

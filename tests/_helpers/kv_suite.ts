@@ -3,6 +3,7 @@
  * against several targets (the stand-in directly, and through the proxy).
  */
 import assert from "node:assert/strict";
+import { withTimeout } from "../../scripts/backup_check/backup_check.ts";
 
 /** Registers the suite's steps on `t`, each against a fresh key prefix of `kv`. */
 export async function kvSuite(t: Deno.TestContext, kv: Deno.Kv): Promise<void> {
@@ -99,13 +100,7 @@ export async function kvSuite(t: Deno.TestContext, kv: Deno.Kv): Promise<void> {
     "sum, min and max with a wrong-typed value fail at once (a 4xx, never retried)",
     async () => {
       // The client re-sends a write answered 5xx for ever: a wrong type must be a 4xx.
-      const soon = <T>(p: Promise<T>) => {
-        let timer: ReturnType<typeof setTimeout> | undefined;
-        const late = new Promise<never>((_, reject) => {
-          timer = setTimeout(() => reject(new Error("no answer within 10 s (retried?)")), 10_000);
-        });
-        return Promise.race([p, late]).finally(() => clearTimeout(timer));
-      };
+      const soon = <T>(p: Promise<T>) => withTimeout("the answer", 10_000, p);
       const u64 = [ns, "typed-u64"];
       const text = [ns, "typed-text"];
       await kv.set(u64, new Deno.KvU64(1n));
@@ -113,12 +108,12 @@ export async function kvSuite(t: Deno.TestContext, kv: Deno.Kv): Promise<void> {
       for (const type of ["sum", "min", "max"] as const) {
         await assert.rejects(
           () => soon(kv.atomic().mutate({ key: u64, value: 1 as never, type }).commit()),
-          (err: Error) => !/no answer within/.test(err.message),
+          (err: Error) => !/timed out after/.test(err.message),
           `${type} with a Number operand`,
         );
         await assert.rejects(
           () => soon(kv.atomic().mutate({ key: text, value: new Deno.KvU64(1n), type }).commit()),
-          (err: Error) => !/no answer within/.test(err.message),
+          (err: Error) => !/timed out after/.test(err.message),
           `${type} on a stored string`,
         );
       }

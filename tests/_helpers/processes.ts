@@ -85,8 +85,11 @@ export class Running {
   }
 }
 
+/** Shared by every test file of a run, parallel ones included: port claims and the token lock. */
+const SHARED_TMP = Deno.env.get("TMPDIR") ?? "/tmp";
 /** Where {@linkcode freePort} records the ports it hands out. */
-const PORT_CLAIMS = join(Deno.env.get("TMPDIR") ?? "/tmp", "denokv-on-fly-ports");
+const PORT_CLAIMS = join(SHARED_TMP, "denokv-on-fly-ports");
+mkdirSync(PORT_CLAIMS, { recursive: true });
 /** How long a handed-out port stays claimed: time enough for the process given it to bind it. */
 const PORT_CLAIM_MS = 120_000;
 
@@ -98,7 +101,6 @@ const PORT_CLAIM_MS = 120_000;
  * (threads of one process, or separate processes) never get the same port.
  */
 export function freePort(): number {
-  mkdirSync(PORT_CLAIMS, { recursive: true });
   for (let attempt = 0; attempt < 1000; attempt++) {
     const port = 20_000 + Math.floor(Math.random() * 12_000);
     const claim = join(PORT_CLAIMS, String(port));
@@ -282,13 +284,10 @@ export async function startStack(
  * variable and the open that reads it together.
  */
 export async function openRemoteKv(url: string, token = TEST_TOKEN): Promise<Deno.Kv> {
-  using lock = await Deno.open(
-    join(Deno.env.get("TMPDIR") ?? "/tmp", "denokv-on-fly-openkv.lock"),
-    {
-      create: true,
-      write: true,
-    },
-  );
+  using lock = await Deno.open(join(SHARED_TMP, "denokv-on-fly-openkv.lock"), {
+    create: true,
+    write: true,
+  });
   await lock.lock(true);
   Deno.env.set("DENO_KV_ACCESS_TOKEN", token);
   return await Deno.openKv(url);
